@@ -1,0 +1,1 @@
+"""Everything about judging: official metrics, submission writers, leaderboards, performance benchmarks."""

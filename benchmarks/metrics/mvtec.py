@@ -1,0 +1,217 @@
+"""Official MVTec AD pixel metrics: AU-PRO and pixel AUROC.
+
+Definitions follow the MVTec AD evaluation code (2021 release, ``pro_curve_util.compute_pro``
+and ``generic_util.trapezoid``; Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021):
+
+- **AU-PRO**: the ground-truth masks are split into connected components with 8-connectivity, per
+  image, and the components of all images are pooled. At every distinct score t,
+  FPR(t) = #normal pixels with score >= t / #normal pixels, over all label-0 pixels of all images
+  (good images included), and PRO(t) = mean over components of the fraction of the component with
+  score >= t. The curve is integrated with the trapezoid rule up to FPR = 0.3, ending with a
+  linearly interpolated segment at exactly 0.3, and divided by 0.3.
+- **Pixel AUROC** (not in the 2021 script, standard since the MVTec AD paper): one ROC over all
+  pixels of all images pooled.
+- **Image AUROC**: ROC AUC of one score per image against "the GT has a defect pixel". The
+  official script's image score is the max of each anomaly map; methods may add their own.
+  Both AUROCs here are sklearn's exact rank-based ones: torchmetrics' ``BinaryAUROC`` applies a
+  sigmoid to scores outside [0, 1], which saturates (and so ties) large float32 scores.
+
+Pitfalls guarded against (see benchmarks.md §5.4): PRO averaged per image instead of over pooled
+components; FPR without the good images; 4-connectivity; no normalisation by the limit, or
+normalising by the last FPR reached instead of interpolating to exactly the limit; binned
+thresholds, and tied scores not merged into one curve point; masks of 0/255 (positive means > 0);
+the sigmoid saturation of torchmetrics' AUROC (pixel AUROC here is sklearn's rank-based one).
+Scores are compared at the resolution they are given in: the official protocol is full GT size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+ArrayLike = np.ndarray | Tensor
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _to_numpy(array: ArrayLike) -> np.ndarray:
+    """A numpy view of ``array`` where possible (bfloat16 has no numpy type and becomes float32)."""
+    if isinstance(array, Tensor):
+        array = array.detach().cpu()
+        return (array.float() if array.dtype == torch.bfloat16 else array).numpy()
+    return np.asarray(array)
+
+
+def _check_shapes(anomaly_maps: ArrayLike, masks: ArrayLike) -> None:
+    if anomaly_maps.ndim != 3 or tuple(anomaly_maps.shape) != tuple(masks.shape):
+        raise ValueError(
+            "anomaly_maps and masks must both be shaped [N, H, W]; got "
+            f"{tuple(anomaly_maps.shape)} and {tuple(masks.shape)}"
+        )
+
+
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must lie in (0, 1]; got {fpr_limit}")
+
+
+def pro_curve(anomaly_maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve ``(fpr, pro)`` of MVTec's ``compute_pro``, from (0, 0) to (1, 1).
+
+    One point per distinct score t, in order of decreasing t (so both arrays are non-decreasing),
+    counting all pixels with score >= t: tied scores give one point. ``anomaly_maps`` and ``masks``
+    are shaped [N, H, W]; a mask pixel is a defect where its value is > 0.
+    """
+    maps, masks = _to_numpy(anomaly_maps), _to_numpy(masks)
+    _check_shapes(maps, masks)
+    if np.isnan(maps).any():
+        raise ValueError("anomaly_maps contain NaN")
+
+    # Split the scores into normal pixels and defect pixels; each defect pixel carries the weight
+    # 1 / |its component|, so that summing weights counts components fractionally.
+    normal = np.empty(maps.size, dtype=maps.dtype)
+    n_normal = 0
+    defect_scores, defect_weights = [], []
+    n_components = 0
+    for score_map, mask in zip(maps, masks):
+        components, n = ndimage.label(mask > 0, structure=_EIGHT_CONNECTED)
+        is_normal = components == 0
+        count = np.count_nonzero(is_normal)
+        normal[n_normal : n_normal + count] = score_map[is_normal]
+        n_normal += count
+        defect_labels = components[~is_normal]
+        defect_scores.append(score_map[~is_normal])
+        defect_weights.append(1.0 / np.bincount(defect_labels)[defect_labels])
+        n_components += n
+    if n_components == 0:
+        raise ValueError("masks contain no defect pixels: AU-PRO needs at least one GT component")
+    if n_normal == 0:
+        raise ValueError("masks contain no normal pixels: the false positive rate is undefined")
+
+    normal = normal[:n_normal]
+    normal.sort()
+    defect = np.concatenate(defect_scores)
+    order = np.argsort(defect)
+    defect = defect[order]
+    weights = np.concatenate(defect_weights)[order]
+    # weight_at_or_above[i] = sum of the weights of defect[i:], accumulated from the top score down.
+    weight_at_or_above = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
+
+    thresholds = np.union1d(normal, defect)  # ascending; the curve runs from the last one down
+    fpr = np.empty(thresholds.size + 2)
+    pro = np.empty(thresholds.size + 2)
+    fpr[0] = pro[0] = 0.0
+    fpr[-1] = pro[-1] = 1.0
+    normal_at_or_above = n_normal - np.searchsorted(normal, thresholds, side="left")
+    np.divide(normal_at_or_above[::-1], n_normal, out=fpr[1:-1])
+    del normal_at_or_above
+    pro_sum = weight_at_or_above[np.searchsorted(defect, thresholds, side="left")]
+    np.divide(pro_sum[::-1], n_components, out=pro[1:-1])
+    np.minimum(pro, 1.0, out=pro)  # the float sum of 1/|component| can overshoot 1 by rounding
+    return fpr, pro
+
+
+def trapezoid(x: ArrayLike, y: ArrayLike, x_max: float | None = None) -> float:
+    """Area under ``y(x)`` (``x`` ascending) by the trapezoid rule, as MVTec's ``generic_util.trapezoid``.
+
+    Non-finite points are dropped. With ``x_max``, integrates up to exactly ``x_max``: when it is
+    not a sample point, the last segment ends at ``x_max`` with ``y`` linearly interpolated.
+    """
+    x = np.asarray(_to_numpy(x), dtype=np.float64)
+    y = np.asarray(_to_numpy(y), dtype=np.float64)
+    finite = np.isfinite(x) & np.isfinite(y)
+    if not finite.all():
+        x, y = x[finite], y[finite]
+    if x_max is None:
+        return float(np.trapezoid(y, x))
+
+    end = int(np.searchsorted(x, x_max, side="right"))  # x[:end] <= x_max
+    if end == 0 or (end == x.size and x[-1] != x_max):
+        raise ValueError(f"x_max={x_max} lies outside the range of the finite x values")
+    area = float(np.trapezoid(y[:end], x[:end]))
+    if x[end - 1] == x_max:
+        return area
+    x0, x1, y0, y1 = x[end - 1], x[end], y[end - 1], y[end]
+    y_at_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+    return area + float(0.5 * (y0 + y_at_max) * (x_max - x0))
+
+
+def aupro(anomaly_maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
+    """Area under the PRO curve up to FPR = ``fpr_limit``, divided by ``fpr_limit`` (MVTec AD official)."""
+    _check_fpr_limit(fpr_limit)
+    fpr, pro = pro_curve(anomaly_maps, masks)
+    return trapezoid(fpr, pro, x_max=fpr_limit) / fpr_limit
+
+
+class _PooledScores(Metric):
+    """Collects float32 scores and uint8 targets (positive where > 0) of a whole test set, shaped
+    [B, *shape] with ``ndim = 1 + len(shape)``, scored in ``compute``.
+
+    States are lists concatenated across processes (DDP). They live on the metric's device; pass
+    ``compute_on_cpu=True`` to move them to CPU after each update.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    ndim = 3
+    scores: list[Tensor]
+    targets: list[Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: Tensor, targets: Tensor) -> None:
+        """Add a batch: anomaly maps [B, H, W] and masks [B, H, W] (image metrics: [B] and [B])."""
+        if scores.ndim != self.ndim or scores.shape != targets.shape:
+            raise ValueError(
+                f"{type(self).__name__} takes scores and targets of one shape with {self.ndim} "
+                f"dimensions; got {tuple(scores.shape)} and {tuple(targets.shape)}"
+            )
+        self.scores.append(scores.detach().float())
+        self.targets.append((targets.detach() > 0).to(torch.uint8))
+
+    def _collected(self) -> tuple[np.ndarray, np.ndarray]:
+        return dim_zero_cat(self.scores).cpu().numpy(), dim_zero_cat(self.targets).cpu().numpy()
+
+    def _pooled_auroc(self) -> Tensor:
+        scores, targets = self._collected()
+        return torch.tensor(roc_auc_score(targets.ravel(), scores.ravel()), dtype=torch.float64)
+
+
+class AUPRO(_PooledScores):
+    """MVTec AD AU-PRO up to ``fpr_limit`` (official: 0.3), over all images seen; see :func:`aupro`."""
+
+    def __init__(self, fpr_limit: float = 0.3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check_fpr_limit(fpr_limit)
+        self.fpr_limit = fpr_limit
+
+    def compute(self) -> Tensor:
+        return torch.tensor(aupro(*self._collected(), fpr_limit=self.fpr_limit), dtype=torch.float64)
+
+
+class PixelAUROC(_PooledScores):
+    """Exact ROC AUC over all pixels of all images seen, pooled (sklearn ``roc_auc_score``)."""
+
+    def compute(self) -> Tensor:
+        return self._pooled_auroc()
+
+
+class ImageAUROC(_PooledScores):
+    """Exact ROC AUC of image scores [B] against image labels [B] (1 = defective)."""
+
+    ndim = 1
+
+    def compute(self) -> Tensor:
+        return self._pooled_auroc()

@@ -1,0 +1,1 @@
+"""Cross-cutting training behaviour as Lightning callbacks: results, pictures, throughput."""

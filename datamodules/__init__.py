@@ -1,0 +1,1 @@
+"""One LightningDataModule per benchmark, reading the benchmark's official layout."""

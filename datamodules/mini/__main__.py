@@ -1,0 +1,38 @@
+"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini mvtec OUT``."""
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from datamodules.mini import mvtec
+
+
+def _summary(root: Path) -> str:
+    """One line per top-level folder of ``root`` with its number of files."""
+    lines = [f"wrote {root.resolve()}"]
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        lines.append(f"  {folder.name}: {sum(1 for p in folder.rglob('*') if p.is_file())} files")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.mini", description=__doc__)
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+
+    parser_mvtec = benchmarks.add_parser("mvtec", help="mini MVTec AD (synthetic textures)")
+    parser_mvtec.add_argument("out", type=Path)
+    parser_mvtec.add_argument(
+        "--categories", nargs="+", choices=sorted(mvtec.CATEGORIES), default=list(mvtec.DEFAULT_CATEGORIES)
+    )
+    parser_mvtec.add_argument("--seed", type=int, default=0)
+    parser_mvtec.add_argument("--image-size", type=int, default=128)
+    parser_mvtec.set_defaults(
+        write=lambda args: mvtec.write_mvtec(args.out, args.categories, args.seed, args.image_size)
+    )
+
+    args = parser.parse_args(argv)
+    print(_summary(args.write(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""``visionzoo``: the LightningCLI of the suite (subcommands fit, validate, test, predict).
+
+Model and data are given by ``class_path``/``init_args`` in one or more ``--config`` files
+(``configs/<benchmark>/<method>.yaml`` plus presets from ``configs/trainer/``). On top of
+LightningCLI this adds what every run of the suite shares:
+
+- a stable run directory, ``runs/<benchmark>/<method>/<run name>`` (the run name defaults to the
+  DataModule's, e.g. the MVTec category; ``--run_name`` or ``--trainer.default_root_dir`` override
+  it), so that a requeued job finds its own checkpoints;
+- a CSV logger appending to ``metrics.csv`` there (fit, test and resumed fits share it), ``config.yaml`` overwritten on re-runs, and
+  ``checkpoints/last.ckpt``;
+- a Rich progress bar on a terminal, plain log lines with throughput and ETA otherwise;
+- ``results.json`` after ``test`` (see :mod:`callbacks.results`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks.results import ResultsWriter
+from callbacks.run_log import RunCSVLogger
+from callbacks.throughput import Throughput
+
+RUNS_ROOT = Path("runs")
+
+
+class VisionZooCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        on_terminal = sys.stdout.isatty()
+        super().__init__(
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "enable_progress_bar": on_terminal,
+                "callbacks": [Throughput(print_lines=not on_terminal)] + ([RichProgressBar()] if on_terminal else []),
+            },
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="Last component of the run directory runs/<benchmark>/<method>/<run_name> "
+            "(default: the DataModule's run name, e.g. the MVTec category).",
+        )
+
+    def run_directory(self, run_name: str | None) -> Path:
+        benchmark = getattr(self.datamodule, "benchmark", "unknown_benchmark")
+        method = getattr(self.model, "method_name", type(self.model).__name__.lower())
+        name = run_name or getattr(self.datamodule, "run_name", None) or "default"
+        return RUNS_ROOT / benchmark / method / name
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        if trainer.default_root_dir is None:
+            trainer.default_root_dir = str(self.run_directory(config.get("run_name")))
+        if trainer.logger is None:
+            trainer.logger = RunCSVLogger(trainer.default_root_dir)
+        callbacks = list(trainer.callbacks or [])
+        if trainer.enable_checkpointing is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(save_last=True))
+        callbacks.append(ResultsWriter(config=config.clone().as_dict()))
+        trainer.callbacks = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    VisionZooCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()
