@@ -130,3 +130,26 @@ def test_msflow_learns_the_mini_set_end_to_end(mini_mvtec, tmp_path, monkeypatch
     names, rows = tables["mvtec"]
     assert rows[0][:2] == ["msflow", "weave"]
     assert rows[0][2 + names.index("image_auroc")] == f"{100 * metrics['image_auroc']:.2f}"
+
+
+def test_run_directory_overrides(mini_mvtec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = _mini_args(CONFIGS / "mvtec/msflow.yaml", mini_mvtec)
+    assert Path(_cli(*base, "--run_name", "ablation").trainer.default_root_dir) == Path("runs/mvtec/msflow/ablation")
+    explicit = tmp_path / "elsewhere"
+    assert Path(_cli(*base, "--trainer.default_root_dir", str(explicit)).trainer.default_root_dir) == explicit
+
+
+def test_metrics_csv_is_appended_not_replaced(tmp_path):
+    from callbacks.run_log import RunCSVLogger
+
+    first = RunCSVLogger(str(tmp_path))
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.save()
+    second = RunCSVLogger(str(tmp_path))  # a later command in the same run directory
+    second.log_metrics({"test/aupro": 0.5}, step=0)
+    second.save()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["train/loss"] for r in rows] == ["1.0", ""]
+    assert [r["test/aupro"] for r in rows] == ["", "0.5"]
