@@ -1,5 +1,7 @@
-"""Image and mask readers that decode fully and name the file when it is corrupt."""
+"""Image and mask readers that decode fully and name the file when it is corrupt, and the
+JPEG encoding/decoding of in-memory images (RecordIO payloads, verification ``.bin`` pairs)."""
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from os import PathLike
@@ -17,16 +19,17 @@ class CorruptFileError(ValueError):
 
 
 @contextmanager
-def _open(path: str | PathLike[str]) -> Iterator[Image.Image]:
-    """``Image.open`` that turns decoding errors (but not a missing file) into CorruptFileError."""
+def _open(source: str | PathLike[str] | io.BytesIO, name: object = None) -> Iterator[Image.Image]:
+    """``Image.open`` that turns decoding errors (but not a missing file) into CorruptFileError
+    naming ``name`` (default: the path)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             yield image
     except FileNotFoundError:
         raise
     except _DECODE_ERRORS as error:
         raise CorruptFileError(
-            f"cannot decode image {path}: {error}; expected a PNG/JPEG file"
+            f"cannot decode image {source if name is None else name}: {error}; expected a PNG/JPEG file"
         ) from error
 
 
@@ -48,3 +51,19 @@ def read_size(path: str | PathLike[str]) -> tuple[int, int]:
     """(height, width) of an image from its header, without decoding the pixels."""
     with _open(path) as image:
         return image.height, image.width
+
+
+def decode_image(payload: bytes, name: str = "image") -> np.ndarray:
+    """Decode JPEG/PNG bytes to (H, W, 3) uint8 RGB with PIL. insightface encodes cv2's BGR arrays,
+    which gives standard JPEGs, so PIL's RGB is right (``cv2.imdecode`` would give BGR)."""
+    with _open(io.BytesIO(payload), name) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG bytes of an (H, W, 3) uint8 RGB array."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image; got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
