@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.nn.iresnet import iresnet
+
 
 def create_backbone(name: str, pretrained: bool, weights: str | None = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=...)``; ``weights`` loads a local file instead of the hub.
@@ -38,6 +40,20 @@ def create_backbone(name: str, pretrained: bool, weights: str | None = None, **k
             f"Either give a local copy with `--model.weights PATH` or train without them with "
             f"`--model.pretrained false`."
         ) from error
+
+
+def create_embedding_backbone(
+    name: str, embedding_size: int, pretrained: bool = False, weights: str | None = None, dropout: float = 0.0
+) -> nn.Module:
+    """A backbone mapping images to ``embedding_size``-d embeddings: an iResNet of
+    :mod:`lightning_modules.nn.iresnet` (``iresnet50`` ...), or any timm model whose classifier
+    is sized to the embedding, followed by BatchNorm1d as the iResNet embedding ends."""
+    if name.startswith("iresnet"):
+        if pretrained or weights:
+            raise ValueError(f"'{name}' is trained from scratch here; set pretrained false and weights null")
+        return iresnet(name, embedding_size, dropout)
+    model = create_backbone(name, pretrained, weights, num_classes=embedding_size, drop_rate=dropout)
+    return nn.Sequential(model, nn.BatchNorm1d(embedding_size))
 
 
 class FrozenFeatures(nn.Module):

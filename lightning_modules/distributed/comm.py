@@ -1,0 +1,98 @@
+"""Collectives for the model-parallel softmax, with the gradients its loss needs.
+
+All of them are the identity when torch.distributed is not initialised (one process).
+The gradient rules assume the caller's setting: every rank computes the same global loss
+from its own shard, each rank back-propagates its copy (see
+:class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_equal(x: Tensor) -> Tensor:
+    """Per-rank tensors of equal shape, concatenated along dim 0 in rank order."""
+    world_size = dist.get_world_size()
+    shape = torch.tensor(x.shape, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(f"all_gather needs the same shape on every rank, got {[tuple(s.tolist()) for s in shapes]}")
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather(x: Tensor) -> Tensor:
+    """Concatenation of every rank's ``x`` along dim 0, without gradient (equal shapes)."""
+    if world_info()[1] == 1:
+        return x
+    return _gather_equal(x.detach())
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return _gather_equal(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Each rank holds the gradient of its own part of the loss w.r.t. the whole gathered
+        # tensor; the sum over ranks is the full gradient, of which this rank keeps its rows.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Every rank's ``x`` (equal shapes) concatenated along dim 0; the backward sums the
+    incoming gradients over ranks (all-reduce) and returns this rank's slice."""
+    if world_info()[1] == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        total = x.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over ranks; the gradient passes through unchanged.
+
+    That is the exact gradient when the sum feeds a computation every rank repeats
+    identically (the softmax normaliser, the target logit): then each rank receives the whole
+    gradient of the sum, which equals the gradient of its own summand.
+    """
+    if world_info()[1] == 1:
+        return x
+    return _AllReduceSum.apply(x)
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Element-wise max of ``x`` over ranks, without gradient (a constant shift, as the
+    max in the log-sum-exp trick)."""
+    x = x.detach()
+    if world_info()[1] == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
