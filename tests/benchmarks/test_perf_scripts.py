@@ -1,0 +1,15 @@
+"""The perf scripts run end to end on tiny sizes and write their JSON (no timing asserted)."""
+
+import json
+
+from benchmarks.perf import model_parallel_softmax
+
+
+def test_model_parallel_softmax_perf_script(tmp_path, capsys):
+    out = tmp_path / "perf.json"
+    model_parallel_softmax.main(["--classes", "300", "--batch", "4", "--dim", "16", "--world-sizes", "2",
+                                 "--sample-rate", "0.5", "--steps", "1", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["plain", "model_parallel", "partial_fc"]
+    assert all(r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
+    assert "| 300 | 4 | 16 | 2 | model_parallel |" in capsys.readouterr().out
