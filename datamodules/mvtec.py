@@ -20,11 +20,9 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.formats.images import CorruptFileError, read_image, read_mask, read_size
+from datamodules.layout import layout_error
 
 log = logging.getLogger(__name__)
-
-_MAX_LISTED = 20
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -76,15 +74,6 @@ class MVTecDataset(Dataset):
             "defect_type": sample.defect_type,
             "path": str(sample.image),
         }
-
-
-def _missing_error(missing: list[str], extra: str = "") -> FileNotFoundError:
-    """One error listing every missing item (at most ``_MAX_LISTED`` lines)."""
-    lines = missing[:_MAX_LISTED]
-    if len(missing) > _MAX_LISTED:
-        lines.append(f"... and {len(missing) - _MAX_LISTED} more")
-    listing = "\n".join(f"  {line}" for line in lines)
-    return FileNotFoundError(f"MVTec AD layout incomplete; missing:\n{listing}{extra}")
 
 
 class MVTecDataModule(LightningDataModule):
@@ -164,10 +153,10 @@ class MVTecDataModule(LightningDataModule):
         if not folder.is_dir():
             if self.root.is_dir():
                 present = ", ".join(sorted(p.name for p in self.root.iterdir() if p.is_dir()))
-                extra = f"\ncategories present under {self.root}: {present or '(none)'}"
+                hint = f"categories present under {self.root}: {present or '(none)'}"
             else:
-                extra = f"\nthe root folder {self.root} does not exist"
-            raise _missing_error([f"category folder: {folder}"], extra)
+                hint = f"the root folder {self.root} does not exist"
+            raise layout_error("MVTec AD", self.root, [f"category folder: {folder}"], hint)
         missing = []
         train = [Sample(path, "good") for path in sorted((folder / "train" / "good").glob("*.png"))]
         if not train:
@@ -187,7 +176,7 @@ class MVTecDataModule(LightningDataModule):
         if not test:
             missing.append(f"test images: {folder / 'test' / '<defect>' / '*.png'}")
         if missing:
-            raise _missing_error(missing)
+            raise layout_error("MVTec AD", self.root, missing)
         return train, test
 
     def _split_val(self, train: list[Sample]) -> tuple[list[Sample], list[Sample]]:

@@ -42,6 +42,8 @@ class VisionZooCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
+        # Classification heads take their size from the data (MS1M: the property file).
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_argument(
             "--run_name",
             type=str | None,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root and mini datasets written once per test session."""
+"""Shared fixtures: the repository root and the mini datasets, written once per test session
+under one folder (``<mini>/<benchmark>``), as the mini presets expect."""
 
 from __future__ import annotations
 
@@ -11,7 +12,21 @@ CONFIGS = REPO / "configs"
 
 
 @pytest.fixture(scope="session")
-def mini_mvtec(tmp_path_factory) -> Path:
+def mini_data(tmp_path_factory) -> Path:
+    from datamodules.mini.ms1m import write_ms1m
     from datamodules.mini.mvtec import write_mvtec
 
-    return write_mvtec(tmp_path_factory.mktemp("mini") / "mvtec", seed=0)
+    root = tmp_path_factory.mktemp("mini")
+    write_mvtec(root / "mvtec", seed=0)
+    write_ms1m(root / "ms1m", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_mvtec(mini_data) -> Path:
+    return mini_data / "mvtec"
+
+
+@pytest.fixture(scope="session")
+def mini_ms1m(mini_data) -> Path:
+    return mini_data / "ms1m"

@@ -37,17 +37,22 @@ def test_every_yaml_is_covered():
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_method_config_instantiates_with_its_mini_preset(config, mini_mvtec, tmp_path, monkeypatch):
+def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = _cli(*_mini_args(config, mini_mvtec.parent / config.parent.name), "--config", str(CONFIGS / "trainer/cpu.yaml"))
+    cli = _cli(*_mini_args(config, mini_data / config.parent.name), "--config", str(CONFIGS / "trainer/cpu.yaml"))
     assert cli.model is not None and cli.datamodule is not None
     assert Path(cli.trainer.default_root_dir) == Path("runs") / cli.datamodule.benchmark / cli.model.method_name / cli.datamodule.run_name
 
 
+# Whether the papers of a benchmark start from ImageNet weights (MVTec: frozen ImageNet
+# backbones; face recognition: trained from scratch).
+PAPERS_USE_PRETRAINED = {"mvtec": True, "ms1m": False}
+
+
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_paper_config_asks_for_pretrained_weights(config):
-    """The paper configs use the weights the paper used; only the mini presets switch them off."""
-    assert yaml.safe_load(config.read_text())["model"]["init_args"]["pretrained"] is True
+def test_paper_config_uses_the_papers_weights_and_mini_needs_no_network(config):
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["pretrained"] is PAPERS_USE_PRETRAINED[config.parent.name]
+    assert yaml.safe_load(config.with_name(MINI_PRESET).read_text())["model"]["init_args"]["pretrained"] is False
 
 
 @pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)

@@ -1,17 +1,20 @@
-"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini mvtec OUT``."""
+"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini {mvtec,ms1m} OUT``."""
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.mini import mvtec
+from datamodules.mini import ms1m, mvtec
 
 
 def _summary(root: Path) -> str:
-    """One line per top-level folder of ``root`` with its number of files."""
+    """One line per top-level folder of ``root`` with its number of files, then its top-level files."""
     lines = [f"wrote {root.resolve()}"]
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         lines.append(f"  {folder.name}: {sum(1 for p in folder.rglob('*') if p.is_file())} files")
+    files = sorted(p.name for p in root.iterdir() if p.is_file())
+    if files:
+        lines.append(f"  files: {' '.join(files)}")
     return "\n".join(lines)
 
 
@@ -28,6 +31,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_mvtec.add_argument("--image-size", type=int, default=128)
     parser_mvtec.set_defaults(
         write=lambda args: mvtec.write_mvtec(args.out, args.categories, args.seed, args.image_size)
+    )
+
+    parser_ms1m = benchmarks.add_parser("ms1m", help="mini MS1M + verification .bin sets (synthetic faces)")
+    parser_ms1m.add_argument("out", type=Path)
+    parser_ms1m.add_argument("--seed", type=int, default=0)
+    parser_ms1m.add_argument("--identities", type=int, default=64, help="number of training identities")
+    parser_ms1m.set_defaults(
+        write=lambda args: ms1m.write_ms1m(args.out, num_identities=args.identities, seed=args.seed)
     )
 
     args = parser.parse_args(argv)

@@ -65,7 +65,10 @@ def margin_cos(cos: Tensor, m1: float, m2: float, m3: float) -> Tensor:
 
 
 class MarginHead(nn.Module):
-    """Base class: ``logits`` from cosines of a class shard, ``loss`` from log p(target)."""
+    """Base class: ``logits`` from cosines of a class shard, ``loss`` from log p(target).
+    ``name`` names the method in run directories and results."""
+
+    name = "margin_softmax"
 
     def __init__(self, s: float) -> None:
         super().__init__()
@@ -92,6 +95,8 @@ class MarginHead(nn.Module):
 class SoftmaxHead(MarginHead):
     """Normalised softmax (s·cos for every class), the baseline of the margin heads."""
 
+    name = "softmax"
+
     def __init__(self, s: float = 64.0) -> None:
         super().__init__(s)
 
@@ -111,6 +116,14 @@ class CombinedMarginHead(MarginHead):
         super().__init__(s)
         self.m1, self.m2, self.m3 = m1, m2, m3
 
+    @property
+    def name(self) -> str:
+        if self.m1 == 1.0 and self.m3 == 0.0:
+            return "arcface"
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return "cosface"
+        return "combined_margin"
+
     def logits(self, cos: Tensor, target_in_shard: Tensor, target_col: Tensor, reduce: Reduce) -> Tensor:
         rows, cols = _target_index(target_in_shard, target_col)
         target = margin_cos(cos[rows, cols], self.m1, self.m2, self.m3)
@@ -127,6 +140,7 @@ class CurricularFaceHead(MarginHead):
     ``head/CurricularFace.py``).
     """
 
+    name = "curricularface"
     t: Tensor
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
@@ -156,6 +170,8 @@ class NPCFaceHead(MarginHead):
     all scaled by s. Defaults m0=0.4, m1=0.2, t=1.1, a=0.2, m=0.5, s=64 from that code.
     """
 
+    name = "npcface"
+
     def __init__(
         self, s: float = 64.0, m: float = 0.5, m0: float = 0.4, m1: float = 0.2, t: float = 1.1, a: float = 0.2
     ) -> None:
@@ -184,6 +200,8 @@ class SearchSoftmaxHead(SoftmaxHead):
     a ≤ 0 (code ``search_type='global'``); the loss is −log p'. ``a`` is set by the search.
     Defaults s=32 (LFS code) and a=−1 (the card's no-search ablation).
     """
+
+    name = "search_softmax"
 
     def __init__(self, s: float = 32.0, a: float = -1.0) -> None:
         super().__init__(s)

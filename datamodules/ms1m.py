@@ -1,0 +1,319 @@
+"""MS1M face recognition training (MS1MV2 ``faces_emore``, MS1MV3 ``ms1m-retinaface-t1``) with the
+insightface verification sets (LFW, CFP-FP, AgeDB-30, ...) for validation.
+
+``<root>`` holds what insightface ships (benchmarks.md §3.1, §3.2): ``train.rec``, ``train.idx``,
+``property`` (``num_classes,112,112``) and the verification pairs ``<name>.bin``. Instead of the
+RecordIO, a user's own data can be an image folder ``<identity>/<image>.jpg|png``: every
+non-hidden sub-folder is one identity, class ids follow plain ``sorted()`` of the folder names
+(byte order: ``"B" < "a"``, ``"id10" < "id9"``), images are read in sorted order.
+
+Images are 112x112 RGB (others are resized); the training transform is insightface
+``arcface_torch``'s: RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5), i.e. (x/255 - 0.5)/0.5.
+"""
+
+import logging
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import cv2
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.formats.images import CorruptFileError, decode_image, read_image
+from datamodules.layout import layout_error
+from datamodules.formats.recordio import (
+    RecordIOReader,
+    check_insightface_rec,
+    image_keys,
+    read_image_record,
+    read_property,
+)
+from datamodules.formats.verification_bin import read_verification_bin
+
+log = logging.getLogger(__name__)
+
+SIZE = 112
+DEFAULT_VAL_SETS = ("lfw", "cfp_fp", "agedb_30")
+RECORDIO_FILES = ("train.rec", "train.idx", "property")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_MAX_REPLACEMENTS = 100
+
+
+def face_size(image: np.ndarray) -> np.ndarray:
+    """``image`` resized to 112x112 (bilinear) unless it already is."""
+    if image.shape[:2] == (SIZE, SIZE):
+        return image
+    return cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB to (3, H, W) float32 ``(x/255 - 0.5)/0.5`` (ToTensor, Normalize(0.5, 0.5))."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return tensor.float().div_(255).sub_(0.5).div_(0.5)
+
+
+class FaceDataset(Dataset):
+    """Training faces as dicts ``image`` (3, 112, 112) float32 in [-1, 1], ``label`` and ``index``
+    (the record key or folder position). Subclasses read one sample in :meth:`read`.
+
+    With ``skip_corrupt`` an image that cannot be decoded is replaced by a random other sample,
+    logged and counted in :attr:`num_skipped`, a shared-memory counter that the DataLoader workers
+    add to (without a lock: in the rare case of two workers counting at the same instant it can
+    miss one).
+    """
+
+    def __init__(self, horizontal_flip: bool, skip_corrupt: bool) -> None:
+        self.horizontal_flip = horizontal_flip
+        self.skip_corrupt = skip_corrupt
+        self._skipped = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._skipped)
+
+    def read(self, i: int) -> tuple[np.ndarray, int, int]:
+        """Sample ``i`` as (112x112 RGB uint8 image, label, index); CorruptFileError names it."""
+        raise NotImplementedError
+
+    def _read_valid(self, i: int) -> tuple[np.ndarray, int, int]:
+        for _ in range(_MAX_REPLACEMENTS):
+            try:
+                return self.read(i)
+            except CorruptFileError as error:
+                if not self.skip_corrupt:
+                    raise
+                self._skipped += 1
+                log.warning("skipping a corrupt training image, replaced by a random one: %s", error)
+                i = int(torch.randint(len(self), ()))
+        raise RuntimeError(
+            f"{_MAX_REPLACEMENTS} corrupt training images in a row; is the dataset corrupt as a whole?"
+        )
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label, index = self._read_valid(i)
+        if self.horizontal_flip and torch.rand(()) < 0.5:
+            image = image[:, ::-1]
+        return {"image": to_tensor(image), "label": label, "index": index}
+
+
+class RecordIOFaceDataset(FaceDataset):
+    """The image records ``keys`` of an insightface ``train.rec``; ``index`` is the record key.
+    The reader opens the file lazily in each DataLoader worker."""
+
+    def __init__(
+        self, reader: RecordIOReader, keys: Sequence[int], horizontal_flip: bool, skip_corrupt: bool
+    ) -> None:
+        super().__init__(horizontal_flip, skip_corrupt)
+        self.reader = reader
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, i: int) -> tuple[np.ndarray, int, int]:
+        key = self.keys[i]
+        label, payload = read_image_record(self.reader, key)
+        return face_size(decode_image(payload, name=f"{self.reader.rec_path} key {key}")), label, key
+
+
+class FolderFaceDataset(FaceDataset):
+    """Image files with their class ids; ``index`` is the position in ``samples``."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], horizontal_flip: bool, skip_corrupt: bool) -> None:
+        super().__init__(horizontal_flip, skip_corrupt)
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, i: int) -> tuple[np.ndarray, int, int]:
+        path, label = self.samples[i]
+        return face_size(read_image(path)), label, i
+
+
+class VerificationDataset(Dataset):
+    """The 2P images of a verification ``.bin`` as dicts ``image`` (3, 112, 112) float32 in [-1, 1],
+    ``flipped`` (its horizontal flip, for the flip-sum embedding), ``pair_index`` (pair i owns
+    images 2i and 2i+1) and ``index`` (position in the ``.bin``)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = to_tensor(self.images[i])
+        return {"image": image, "flipped": image.flip(-1), "pair_index": i // 2, "index": i}
+
+
+class MS1MDataModule(LightningDataModule):
+    """Train on MS1M (or an identity folder), validate on verification ``.bin`` sets.
+
+    ``val_sets`` names ``<root>/<name>.bin`` files (``lfw``, ``cfp_fp``, ``agedb_30``, ``calfw``,
+    ``cplfw``, ``cfp_ff``, ``vgg2_fp``, ...); by default those of lfw, cfp_fp and agedb_30 that
+    exist. There is one val DataLoader per set, in the order of :attr:`val_set_names`.
+    ``train_format="auto"`` reads the RecordIO when ``<root>/train.rec`` exists, else the image
+    folder ``folder`` (default ``root``) when it has identity sub-folders.
+    """
+
+    benchmark = "ms1m"
+
+    def __init__(
+        self,
+        root: str,
+        val_sets: Optional[list[str]] = None,
+        train_format: Literal["auto", "recordio", "folder"] = "auto",
+        folder: Optional[str] = None,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        skip_corrupt: bool = False,
+        horizontal_flip: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.folder = Path(folder) if folder is not None else self.root
+        if train_format == "auto":
+            has_identities = not (self.root / "train.rec").exists() and bool(self._identities())
+            train_format = "folder" if has_identities else "recordio"
+        self.train_format: Literal["recordio", "folder"] = train_format
+        if val_sets is None:
+            val_sets = [name for name in DEFAULT_VAL_SETS if self._bin_path(name).is_file()]
+        self.val_set_names: list[str] = list(val_sets)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.skip_corrupt = skip_corrupt
+        self.horizontal_flip = horizontal_flip
+        self.train_dataset: Optional[FaceDataset] = None
+        self.val_datasets: list[VerificationDataset] = []
+        self._issame: dict[str, np.ndarray] = {}
+
+    def _bin_path(self, name: str) -> Path:
+        return self.root / f"{name}.bin"
+
+    def _identities(self) -> list[str]:
+        """Identity folder names, ``sorted()``; the class id is the position."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    @property
+    def run_name(self) -> str:
+        return "ms1m" if self.train_format == "recordio" else self.folder.resolve().name
+
+    @cached_property
+    def num_classes(self) -> int:
+        """From ``property`` or the number of identity folders; available before :meth:`setup`."""
+        self._check_layout()
+        if self.train_format == "recordio":
+            return read_property(self.root / "property")[0]
+        return len(self._identities())
+
+    @property
+    def num_images(self) -> int:
+        return len(self._train_dataset())
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt training images replaced so far (``skip_corrupt=True``)."""
+        return self.train_dataset.num_skipped if self.train_dataset is not None else 0
+
+    def issame(self, name: str) -> np.ndarray:
+        """``issame`` [P] bool of verification set ``name`` (after :meth:`setup`)."""
+        if name not in self._issame:
+            raise KeyError(f"no verification set {name!r} was set up; have {list(self._issame)}")
+        return self._issame[name]
+
+    def describe(self) -> dict[str, Any]:
+        """What the results writer records about the evaluated data."""
+        return {
+            "root": str(self.root.resolve()),
+            "train_format": self.train_format,
+            "num_classes": self.num_classes,
+            "num_images": self.num_images,
+            "val_sets": self.val_set_names,
+            "split": "val",
+        }
+
+    # ----------------------------------------------------------------------------- setup
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Check the layout; read the training index (``fit``) and the verification sets."""
+        self._check_layout()
+        if stage in ("fit", None):
+            self._train_dataset()
+        if not self.val_datasets:
+            for name in self.val_set_names:
+                images, issame = read_verification_bin(self._bin_path(name))
+                self.val_datasets.append(VerificationDataset(np.stack([face_size(image) for image in images])))
+                self._issame[name] = issame
+
+    def _check_layout(self) -> None:
+        """Raise one FileNotFoundError listing every missing training file and requested ``.bin``."""
+        missing = []
+        if self.train_format == "recordio":
+            files = [self.root / name for name in RECORDIO_FILES]
+            missing += [f"{path.name}: {path}" for path in files if not path.is_file()]
+        elif not self._identities():
+            missing.append(f"identity folders: {self.folder}/<identity>/<image>.jpg|png")
+        missing += [
+            f"verification set {name}: {self._bin_path(name)}"
+            for name in self.val_set_names
+            if not self._bin_path(name).is_file()
+        ]
+        if missing:
+            hint = ""
+            if self.train_format == "recordio" and self.hparams.train_format == "auto":
+                hint = "(for an image folder <identity>/<image>.jpg instead: train_format='folder', folder=...)"
+            raise layout_error("MS1M", self.root, missing, hint)
+
+    def _train_dataset(self) -> FaceDataset:
+        """The training dataset, built (and sanity-checked) on first use."""
+        if self.train_dataset is not None:
+            return self.train_dataset
+        options = {"horizontal_flip": self.horizontal_flip, "skip_corrupt": self.skip_corrupt}
+        if self.train_format == "recordio":
+            reader = RecordIOReader(self.root / "train.rec", self.root / "train.idx")
+            check_insightface_rec(reader, self.num_classes)
+            self.train_dataset = RecordIOFaceDataset(reader, image_keys(reader), **options)
+        else:
+            samples = [
+                (path, label)
+                for label, identity in enumerate(self._identities())
+                for path in sorted((self.folder / identity).iterdir())
+                if path.suffix.lower() in IMAGE_SUFFIXES
+            ]
+            if not samples:
+                suffixes = "/".join(IMAGE_SUFFIXES)
+                raise FileNotFoundError(f"no {suffixes} images in the identity folders of {self.folder}")
+            self.train_dataset = FolderFaceDataset(samples, **options)
+        return self.train_dataset
+
+    # ------------------------------------------------------------------------ dataloaders
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._train_dataset(), train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per verification set, in the order of :attr:`val_set_names`."""
+        return [self._loader(dataset, train=False) for dataset in self.val_datasets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``visionzoo test`` reports the verification sets (the protocol has no other test split)."""
+        return self.val_dataloader()

@@ -1,0 +1,38 @@
+"""A NaN loss stops training with a message naming the step, and the last checkpoint keeps
+the last good weights."""
+
+import pytest
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.nan_guard import FiniteLossGuard, NonFiniteLossError
+
+
+class _DivergesAtStep(LightningModule):
+    def __init__(self, bad_step: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.bad_step = bad_step
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        return loss * float("nan") if self.global_step == self.bad_step else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=4)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    trainer = Trainer(max_epochs=1, callbacks=[FiniteLossGuard(), checkpoints], logger=False,
+                      enable_progress_bar=False, accelerator="cpu")
+    model = _DivergesAtStep(bad_step=3)
+    with pytest.raises(NonFiniteLossError, match="global step 3 .*Last good checkpoint: .*last.ckpt"):
+        trainer.fit(model, data)
+    assert torch.isfinite(model.layer.weight).all()  # the NaN step never reached the weights
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3
+    assert torch.isfinite(saved["state_dict"]["layer.weight"]).all()

@@ -1,0 +1,142 @@
+"""The margin-softmax recognizer on the mini MS1M set: every ms1m config trains, DDP on two
+CPU processes learns (verification accuracy far above chance), and a checkpoint written by 4
+ranks resumes on 2 and 1 ranks with the same next steps."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.cli import VisionZooCLI
+
+from conftest import CONFIGS, REPO
+
+MS1M_CONFIGS = sorted(p for p in (CONFIGS / "ms1m").glob("*.yaml") if p.name != "mini.yaml")
+
+
+def _args(config: Path, mini_ms1m: Path) -> list[str]:
+    return ["--config", str(config), "--config", str(CONFIGS / "ms1m/mini.yaml"), "--data.init_args.root", str(mini_ms1m)]
+
+
+def _visionzoo(*args: str, cwd: Path) -> None:
+    """Run the console script in a subprocess (DDP re-launches it for every rank)."""
+    command = [sys.executable, "-m", "lightning_modules.cli", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("config", MS1M_CONFIGS, ids=lambda p: p.stem)
+def test_ms1m_config_trains_a_few_steps(config, mini_ms1m, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = VisionZooCLI(args=["fit", *_args(config, mini_ms1m), "--config", str(CONFIGS / "trainer/cpu.yaml"),
+                             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"])
+    model = cli.model
+    assert model.softmax.weight.shape == (64, 128)  # num_classes linked from the property file
+    losses = [float(r["train/loss"]) for r in _metrics(Path(cli.trainer.default_root_dir)) if r.get("train/loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert Path(cli.trainer.default_root_dir) == Path("runs/ms1m") / model.method_name / "ms1m"
+
+
+@pytest.mark.slow
+def test_arcface_ddp_on_two_cpu_processes_learns_the_mini_set(mini_ms1m, tmp_path):
+    _visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m),
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
+    run = tmp_path / "runs/ms1m/arcface/ms1m"
+    accuracy = [float(r["val/acc"]) for r in _metrics(run) if r.get("val/acc")]
+    assert accuracy[-1] > 0.8, accuracy  # chance is 0.5
+    assert (run / "checkpoints/last.ckpt").is_file()
+
+    _visionzoo("test", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--config", str(CONFIGS / "trainer/cpu.yaml"),
+               "--ckpt_path", "last", cwd=tmp_path)
+    import json
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["benchmark"] == "ms1m" and results["method"] == "arcface"
+    assert results["metrics"]["acc"] == pytest.approx(accuracy[-1], abs=0.02)
+    assert set(results["metrics"]) >= {"lfw_acc", "cfp_fp_acc", "agedb_30_acc"}
+
+
+def _resume_and_step(rank: int, world_size: int, port: int, checkpoint: str, out: str) -> None:
+    """One rank: load the checkpoint as Lightning does (``on_load_checkpoint``, the state dict,
+    the optimizer state), then take two SGD steps on a fixed global batch of 32 split over the
+    ranks, averaging the backbone's gradients as DDP does. BatchNorm runs in eval mode so that
+    its statistics do not depend on the per-rank batch. Writes both losses."""
+    import torch.distributed as dist
+
+    from lightning_modules.face.recognizer import MarginSoftmaxRecognizer
+    from lightning_modules.nn.margins import CombinedMarginHead
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hyper_parameters = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}  # _class_path
+    model = MarginSoftmaxRecognizer(**hyper_parameters, head=CombinedMarginHead(s=16.0))
+    model.on_load_checkpoint(state)
+    model.load_state_dict(state["state_dict"])
+    decay, no_decay = model._parameter_groups()
+    optimizer = torch.optim.SGD([{"params": decay}, {"params": no_decay}], lr=0.0, momentum=0.9)
+    optimizer.load_state_dict(state["optimizer_states"][0])
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 112, 112, generator=generator), torch.randint(64, (32,), generator=generator)
+    per_rank = 32 // world_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = model.softmax(model(images[mine]), labels[mine])
+        loss.backward()
+        for parameter in model.backbone.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= world_size
+        optimizer.step()
+        losses.append(loss.item())
+    Path(f"{out}.{rank}").write_text(" ".join(map(str, losses)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_4_ranks_resumes_on_2_and_1_with_the_same_next_steps(mini_ms1m, tmp_path):
+    """A fit on 4 DDP ranks writes last.ckpt with the class centres and their momentum whole;
+    loading it on 4, 2 and 1 ranks gives the same next two steps (the second one depends on
+    the resharded momentum)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--trainer.accelerator", "cpu",
+               "--trainer.strategy", "ddp", "--trainer.devices", "4", "--data.init_args.batch_size", "8",
+               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0",
+               cwd=tmp_path)
+    saved = tmp_path / "runs/ms1m/arcface/ms1m/checkpoints/last.ckpt"
+    state = torch.load(saved, map_location="cpu", weights_only=False)
+    assert state["state_dict"]["softmax.weight"].shape == (64, 128)  # whole, not rank 0's shard
+    momentum = [s["momentum_buffer"] for s in state["optimizer_states"][0]["state"].values()]
+    assert any(m.shape == (64, 128) for m in momentum)
+
+    losses = {}
+    for world_size in (4, 2, 1):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = str(tmp_path / f"losses_w{world_size}")
+        mp.start_processes(_resume_and_step, args=(world_size, port, str(saved), out), nprocs=world_size, start_method="spawn")
+        per_rank = [[float(v) for v in Path(f"{out}.{r}").read_text().split()] for r in range(world_size)]
+        assert all(p == per_rank[0] for p in per_rank)  # the global loss, the same on every rank
+        losses[world_size] = per_rank[0]
+    assert losses[4][0] != losses[4][1]  # the step changed the model
+    for world_size in (2, 1):
+        assert losses[world_size] == pytest.approx(losses[4], rel=1e-5), losses
