@@ -10,7 +10,8 @@ LightningCLI this adds what every run of the suite shares:
 - a CSV logger appending to ``metrics.csv`` there (fit, test and resumed fits share it), ``config.yaml`` overwritten on re-runs, and
   ``checkpoints/last.ckpt``;
 - a Rich progress bar on a terminal, plain log lines with throughput and ETA otherwise;
-- ``results.json`` after ``test`` (see :mod:`callbacks.results`).
+- ``results.json`` after ``test`` (see :mod:`callbacks.results`);
+- a stop at the first NaN/Inf loss, before it reaches the weights (:mod:`callbacks.nan_guard`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.nan_guard import FiniteLossGuard
 from callbacks.results import ResultsWriter
 from callbacks.run_log import RunCSVLogger
 from callbacks.throughput import Throughput
@@ -37,7 +39,8 @@ class VisionZooCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "enable_progress_bar": on_terminal,
-                "callbacks": [Throughput(print_lines=not on_terminal)] + ([RichProgressBar()] if on_terminal else []),
+                "callbacks": [Throughput(print_lines=not on_terminal), FiniteLossGuard()]
+                + ([RichProgressBar()] if on_terminal else []),
             },
         )
 
