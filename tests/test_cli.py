@@ -58,6 +58,10 @@ def test_paper_config_uses_the_papers_weights_and_mini_needs_no_network(config):
 @pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)
 def test_trainer_preset_instantiates(preset, mini_mvtec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    if preset.stem == "slurm":  # SLURMEnvironment reads the job's variables: pose as task 0 of a job
+        for name, value in {"SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "visionzoo", "SLURM_NTASKS": "1", "SLURM_NODEID": "0",
+                            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}.items():
+            monkeypatch.setenv(name, value)
     # GPU presets are instantiated on the CPU here: same keys, accelerator overridden.
     cli = _cli(*_mini_args(CONFIGS / "mvtec/msflow.yaml", mini_mvtec), "--config", str(preset),
                "--trainer.accelerator", "cpu", "--trainer.devices", "1")
