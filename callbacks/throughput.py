@@ -46,8 +46,11 @@ class Throughput(Callback):
         if self.every_n_steps is None:
             self.every_n_steps = trainer.log_every_n_steps
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Also here: a fit resumed mid-epoch does not call on_train_epoch_start.
         self._window_start, self._window_samples, self._window_steps = time.perf_counter(), 0, 0
+
+    on_train_epoch_start = on_train_start
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._window_samples += batch_size_of(batch) * trainer.world_size

@@ -11,7 +11,8 @@ LightningCLI this adds what every run of the suite shares:
   ``checkpoints/last.ckpt``;
 - a Rich progress bar on a terminal, plain log lines with throughput and ETA otherwise;
 - ``results.json`` after ``test`` (see :mod:`callbacks.results`);
-- a stop at the first NaN/Inf loss, before it reaches the weights (:mod:`callbacks.nan_guard`).
+- a stop at the first NaN/Inf loss, before it reaches the weights (:mod:`callbacks.nan_guard`);
+- on SIGUSR1, a checkpoint at the next batch boundary and a SLURM requeue (:mod:`callbacks.preemption`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.nan_guard import FiniteLossGuard
+from callbacks.preemption import RequeueOnSignal
 from callbacks.results import ResultsWriter
 from callbacks.run_log import RunCSVLogger
 from callbacks.throughput import Throughput
@@ -39,7 +41,7 @@ class VisionZooCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "enable_progress_bar": on_terminal,
-                "callbacks": [Throughput(print_lines=not on_terminal), FiniteLossGuard()]
+                "callbacks": [Throughput(print_lines=not on_terminal), FiniteLossGuard(), RequeueOnSignal()]
                 + ([RichProgressBar()] if on_terminal else []),
             },
         )

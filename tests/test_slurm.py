@@ -75,7 +75,7 @@ def test_sigusr1_requeues_and_the_job_finishes_in_the_same_run_directory(cluster
     assert wait_for(job, {"COMPLETED"}, timeout=600) == "COMPLETED", _job_output(tmp_path, job)[-3000:]
 
     output = _job_output(tmp_path, job)
-    assert "Handling auto-requeue signal" in output
+    assert "SIGUSR1 received: saving" in output and "requeued SLURM job" in output
     assert re.search(r"Restoring states from the checkpoint path at .*hpc_ckpt_1\.ckpt", output), output[-3000:]
     assert list(run.glob("hpc_ckpt_*.ckpt"))
     steps = _trained_steps(run)
