@@ -206,11 +206,6 @@ class ModelParallelSoftmax(nn.Module):
         return self.head.loss(target - _sharded_log_sum_exp(logits)).mean()
 
 
-def full_state_from_shards(shards: list[Tensor]) -> Tensor:
-    """The full [num_classes, ...] tensor from the per-rank slices, in rank order."""
-    return torch.cat(shards)
-
-
 def shard_of(full: Tensor, rank: int, world_size: int) -> Tensor:
     """This rank's slice of a full [num_classes, ...] tensor (weights or optimizer state)."""
     start, end = class_shard(full.shape[0], rank, world_size)

@@ -66,7 +66,6 @@ class FrozenFeatures(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         self.channels: list[int] = self.model.feature_info.channels()
-        self.reductions: list[int] = self.model.feature_info.reduction()
 
     def train(self, mode: bool = True) -> FrozenFeatures:
         return super().train(False)
