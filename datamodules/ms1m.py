@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.formats.images import CorruptFileError, decode_image, read_image
 from datamodules.layout import layout_error
+from datamodules.resumable import AugmentationRNG, eval_loader, resumable_train_loader
 from datamodules.formats.recordio import (
     RecordIOReader,
     check_insightface_rec,
@@ -56,14 +57,15 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return tensor.float().div_(255).sub_(0.5).div_(0.5)
 
 
-class FaceDataset(Dataset):
+class FaceDataset(AugmentationRNG, Dataset):
     """Training faces as dicts ``image`` (3, 112, 112) float32 in [-1, 1], ``label`` and ``index``
     (the record key or folder position). Subclasses read one sample in :meth:`read`.
 
     With ``skip_corrupt`` an image that cannot be decoded is replaced by a random other sample,
     logged and counted in :attr:`num_skipped`, a shared-memory counter that the DataLoader workers
     add to (without a lock: in the rare case of two workers counting at the same instant it can
-    miss one).
+    miss one). Random numbers (flips, replacements) come from :attr:`generator`, so that a
+    resumed run draws the same ones (:mod:`datamodules.resumable`).
     """
 
     def __init__(self, horizontal_flip: bool, skip_corrupt: bool) -> None:
@@ -88,14 +90,14 @@ class FaceDataset(Dataset):
                     raise
                 self._skipped += 1
                 log.warning("skipping a corrupt training image, replaced by a random one: %s", error)
-                i = int(torch.randint(len(self), ()))
+                i = int(torch.randint(len(self), (), generator=self.generator))
         raise RuntimeError(
             f"{_MAX_REPLACEMENTS} corrupt training images in a row; is the dataset corrupt as a whole?"
         )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, label, index = self._read_valid(i)
-        if self.horizontal_flip and torch.rand(()) < 0.5:
+        if self.horizontal_flip and torch.rand((), generator=self.generator) < 0.5:
             image = image[:, ::-1]
         return {"image": to_tensor(image), "label": label, "index": index}
 
@@ -296,23 +298,21 @@ class MS1MDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------ dataloaders
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._train_dataset(), train=True)
+        """Shuffled, last partial batch dropped, resumable mid-epoch."""
+        return resumable_train_loader(self._train_dataset(), self.trainer, drop_last=True, **self._loader_options())
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per verification set, in the order of :attr:`val_set_names`."""
-        return [self._loader(dataset, train=False) for dataset in self.val_datasets]
+        return [eval_loader(dataset, **self._loader_options()) for dataset in self.val_datasets]
 
     def test_dataloader(self) -> list[DataLoader]:
         """``visionzoo test`` reports the verification sets (the protocol has no other test split)."""

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.formats.images import CorruptFileError, read_image, read_mask, read_size
 from datamodules.layout import layout_error
+from datamodules.resumable import AugmentationRNG, eval_loader, resumable_train_loader
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,13 @@ class Sample:
         return int(self.defect_type != "good")
 
 
-class MVTecDataset(Dataset):
+class MVTecDataset(AugmentationRNG, Dataset):
     """Samples as dicts: ``image`` (3, S, S) float32, ``mask`` bool, ``label``, ``defect_type``, ``path``.
 
     With ``resize_mask`` the mask goes through ``transform`` together with the image
     (albumentations resizes masks nearest); otherwise it keeps the file's resolution.
+    The transform is reseeded per sample from :attr:`generator`, so that augmentations are
+    reproducible and a resumed run draws the same ones (:mod:`datamodules.resumable`).
     """
 
     def __init__(self, samples: list[Sample], transform: A.Compose, resize_mask: bool) -> None:
@@ -61,6 +64,7 @@ class MVTecDataset(Dataset):
                 f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} px but its image "
                 f"{sample.image} is {image.shape[1]}x{image.shape[0]} px; they must match"
             )
+        self.transform.set_random_seed(self.draw_seed())
         if self.resize_mask:
             out = self.transform(image=image, mask=mask.astype(np.uint8))
             mask_tensor = out["mask"].bool()
@@ -251,27 +255,28 @@ class MVTecDataModule(LightningDataModule):
             ToTensorV2(),
         ])
 
-    def _loader(self, samples: list[Sample], augmentations: list[A.BasicTransform], shuffle: bool) -> DataLoader:
-        dataset = MVTecDataset(samples, self._transform(augmentations), self.mask_resolution == "input")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
+    def _dataset(self, samples: list[Sample], augmentations: list[A.BasicTransform]) -> MVTecDataset:
+        return MVTecDataset(samples, self._transform(augmentations), self.mask_resolution == "input")
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.train_augmentations, shuffle=True)
+        """Shuffled, with ``train_augmentations``, resumable mid-epoch."""
+        dataset = self._dataset(self.train_samples, self.train_augmentations)
+        return resumable_train_loader(dataset, self.trainer, drop_last=False, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out good training images; none (validation skipped) when ``val_fraction`` is 0."""
-        return self._loader(self.val_samples, [], shuffle=False) if self.val_samples else []
+        return eval_loader(self._dataset(self.val_samples, []), **self._loader_options()) if self.val_samples else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_samples, [], shuffle=False)
+        return eval_loader(self._dataset(self.test_samples, []), **self._loader_options())
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

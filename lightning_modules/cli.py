@@ -8,11 +8,14 @@ LightningCLI this adds what every run of the suite shares:
   DataModule's, e.g. the MVTec category; ``--run_name`` or ``--trainer.default_root_dir`` override
   it), so that a requeued job finds its own checkpoints;
 - a CSV logger appending to ``metrics.csv`` there (fit, test and resumed fits share it), ``config.yaml`` overwritten on re-runs, and
-  ``checkpoints/last.ckpt``;
+  ``checkpoints/last.ckpt``, written atomically (:mod:`callbacks.checkpoint_io`);
 - a Rich progress bar on a terminal, plain log lines with throughput and ETA otherwise;
 - ``results.json`` after ``test`` (see :mod:`callbacks.results`);
 - a stop at the first NaN/Inf loss, before it reaches the weights (:mod:`callbacks.nan_guard`);
-- on SIGUSR1, a checkpoint at the next batch boundary and a SLURM requeue (:mod:`callbacks.preemption`).
+- on SIGUSR1, a checkpoint at the next batch boundary and a SLURM requeue (:mod:`callbacks.preemption`);
+- exact resume: RNG states in every checkpoint, ``metrics.csv`` without the rows a killed run
+  logged after its last checkpoint (:mod:`callbacks.resume`), mid-epoch data position
+  (:mod:`datamodules.resumable`); ``seed_everything`` defaults to 0.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.nan_guard import FiniteLossGuard
 from callbacks.preemption import RequeueOnSignal
 from callbacks.results import ResultsWriter
+from callbacks.resume import ResumeState
 from callbacks.run_log import RunCSVLogger
 from callbacks.throughput import Throughput
 
@@ -39,9 +45,17 @@ class VisionZooCLI(LightningCLI):
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
+            # A fixed default seed: a resumed run must reuse its seed (the DDP sampler's order
+            # depends on it), and runs are reproducible unless a seed is asked for.
+            seed_everything_default=0,
             trainer_defaults={
                 "enable_progress_bar": on_terminal,
-                "callbacks": [Throughput(print_lines=not on_terminal), FiniteLossGuard(), RequeueOnSignal()]
+                "callbacks": [
+                    Throughput(print_lines=not on_terminal),
+                    FiniteLossGuard(),
+                    RequeueOnSignal(),
+                    ResumeState(),
+                ]
                 + ([RichProgressBar()] if on_terminal else []),
             },
         )
@@ -63,6 +77,15 @@ class VisionZooCLI(LightningCLI):
         name = run_name or getattr(self.datamodule, "run_name", None) or "default"
         return RUNS_ROOT / benchmark / method / name
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` picks the newest checkpoint of the run directory: ``last.ckpt``
+        or an ``hpc_ckpt_<n>.ckpt`` written on SIGUSR1 (:mod:`callbacks.preemption`)."""
+        kwargs = self.config_init["fit"]
+        if kwargs.get("ckpt_path") == "last":
+            run_dir = Path(self.trainer.default_root_dir)
+            candidates = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+            kwargs["ckpt_path"] = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
@@ -75,6 +98,9 @@ class VisionZooCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(save_last=True))
         callbacks.append(ResultsWriter(config=config.clone().as_dict()))
         trainer.callbacks = callbacks
+        plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p is not None]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            trainer.plugins = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 

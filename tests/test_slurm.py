@@ -1,6 +1,7 @@
 """visionzoo on a real SLURM (the localhost cluster of benchmarks/slurm/local_cluster.sh): the
 sbatch template trains a mini config with 2 tasks (gloo) to the end, and a job sent SIGUSR1
-mid-training saves an hpc checkpoint, requeues itself and finishes in the same run directory."""
+mid-training saves an hpc checkpoint, requeues itself and finishes in the same run directory
+with the same steps and the same weights as the uninterrupted job."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, REPO
+from runner import assert_same_weights, final_weights
 from slurm_cluster import ensure_cluster, job_state, slurm_available, wait_for
 
 TEMPLATE = REPO / "benchmarks/slurm/train.sbatch"
@@ -45,26 +47,36 @@ def _sbatch(run_dir: Path, mini_mvtec: Path) -> int:
 
 
 def _trained_steps(run: Path) -> list[int]:
+    """The logged training steps in file order (a repeated step would show twice)."""
     with open(run / "metrics.csv") as f:
-        return sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 def _job_output(run_dir: Path, job: int) -> str:
     return (run_dir / f"job-{job}.out").read_text()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_job(cluster, mini_mvtec, tmp_path_factory) -> tuple[Path, str]:
+    """The run directory and ``.out`` of a job that trains to the end without interruption."""
+    job_dir = tmp_path_factory.mktemp("uninterrupted_job")
+    job = _sbatch(job_dir, mini_mvtec)
+    state = wait_for(job, {"COMPLETED"}, timeout=600)
+    output = _job_output(job_dir, job)
+    assert state == "COMPLETED", output[-3000:]
+    return job_dir / "run", output
+
+
 @pytest.mark.slow
-def test_two_task_job_trains_to_the_end(cluster, mini_mvtec, tmp_path):
-    job = _sbatch(tmp_path, mini_mvtec)
-    assert wait_for(job, {"COMPLETED"}, timeout=600) == "COMPLETED", _job_output(tmp_path, job)[-3000:]
-    output = _job_output(tmp_path, job)
+def test_two_task_job_trains_to_the_end(uninterrupted_job):
+    run, output = uninterrupted_job
     assert "`Trainer.fit` stopped: `max_epochs=12` reached." in output
-    steps = _trained_steps(tmp_path / "run")
+    steps = _trained_steps(run)
     assert steps[-1] == MAX_EPOCHS * 3 - 1  # 48 training images / (2 ranks x batch 8) = 3 steps an epoch
 
 
 @pytest.mark.slow
-def test_sigusr1_requeues_and_the_job_finishes_in_the_same_run_directory(cluster, mini_mvtec, tmp_path):
+def test_sigusr1_requeues_and_the_job_finishes_in_the_same_run_directory(uninterrupted_job, mini_mvtec, tmp_path):
     job = _sbatch(tmp_path, mini_mvtec)
     run = tmp_path / "run"
     deadline = time.monotonic() + 300
@@ -78,5 +90,5 @@ def test_sigusr1_requeues_and_the_job_finishes_in_the_same_run_directory(cluster
     assert "SIGUSR1 received: saving" in output and "requeued SLURM job" in output
     assert re.search(r"Restoring states from the checkpoint path at .*hpc_ckpt_1\.ckpt", output), output[-3000:]
     assert list(run.glob("hpc_ckpt_*.ckpt"))
-    steps = _trained_steps(run)
-    assert steps[-1] == MAX_EPOCHS * 3 - 1  # the requeued job ends where an uninterrupted one ends
+    assert _trained_steps(run) == _trained_steps(uninterrupted_job[0])  # every step once, none missing
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_job[0]))

@@ -99,7 +99,7 @@ def test_train_augmentations_apply_to_training_images_only(root: Path) -> None:
     datamodule = _datamodule(root, image_size=ORIGINAL, train_augmentations=[A.HorizontalFlip(p=1.0)])
     datamodule.setup("fit")
     train = datamodule.train_dataloader().dataset[0]
-    plain = datamodule._loader(datamodule.train_samples, [], shuffle=False).dataset[0]
+    plain = datamodule._dataset(datamodule.train_samples, [])[0]
     assert train["path"] == plain["path"]
     torch.testing.assert_close(train["image"], plain["image"].flip(-1))
 

@@ -4,10 +4,7 @@ ranks resumes on 2 and 1 ranks with the same next steps."""
 
 from __future__ import annotations
 
-import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,26 +12,14 @@ import torch
 
 from lightning_modules.cli import VisionZooCLI
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS
+from runner import metrics, visionzoo
 
 MS1M_CONFIGS = sorted(p for p in (CONFIGS / "ms1m").glob("*.yaml") if p.name != "mini.yaml")
 
 
 def _args(config: Path, mini_ms1m: Path) -> list[str]:
     return ["--config", str(config), "--config", str(CONFIGS / "ms1m/mini.yaml"), "--data.init_args.root", str(mini_ms1m)]
-
-
-def _visionzoo(*args: str, cwd: Path) -> None:
-    """Run the console script in a subprocess (DDP re-launches it for every rank)."""
-    command = [sys.executable, "-m", "lightning_modules.cli", *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-
-
-def _metrics(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("config", MS1M_CONFIGS, ids=lambda p: p.stem)
@@ -44,21 +29,21 @@ def test_ms1m_config_trains_a_few_steps(config, mini_ms1m, tmp_path, monkeypatch
                              "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"])
     model = cli.model
     assert model.softmax.weight.shape == (64, 128)  # num_classes linked from the property file
-    losses = [float(r["train/loss"]) for r in _metrics(Path(cli.trainer.default_root_dir)) if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in metrics(Path(cli.trainer.default_root_dir)) if r.get("train/loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert Path(cli.trainer.default_root_dir) == Path("runs/ms1m") / model.method_name / "ms1m"
 
 
 @pytest.mark.slow
 def test_arcface_ddp_on_two_cpu_processes_learns_the_mini_set(mini_ms1m, tmp_path):
-    _visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m),
+    visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m),
                "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
     run = tmp_path / "runs/ms1m/arcface/ms1m"
-    accuracy = [float(r["val/acc"]) for r in _metrics(run) if r.get("val/acc")]
+    accuracy = [float(r["val/acc"]) for r in metrics(run) if r.get("val/acc")]
     assert accuracy[-1] > 0.8, accuracy  # chance is 0.5
     assert (run / "checkpoints/last.ckpt").is_file()
 
-    _visionzoo("test", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--config", str(CONFIGS / "trainer/cpu.yaml"),
+    visionzoo("test", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--config", str(CONFIGS / "trainer/cpu.yaml"),
                "--ckpt_path", "last", cwd=tmp_path)
     import json
 
@@ -117,7 +102,7 @@ def test_checkpoint_of_4_ranks_resumes_on_2_and_1_with_the_same_next_steps(mini_
 
     import torch.multiprocessing as mp
 
-    _visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--trainer.accelerator", "cpu",
+    visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--trainer.accelerator", "cpu",
                "--trainer.strategy", "ddp", "--trainer.devices", "4", "--data.init_args.batch_size", "8",
                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0",
                cwd=tmp_path)

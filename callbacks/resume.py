@@ -1,0 +1,161 @@
+"""What an exact resume needs beyond Lightning's own checkpoint contents.
+
+Lightning restores weights, optimizer, LR schedulers, loop counters and (for a
+``StatefulDataLoader``, :mod:`datamodules.resumable`) the data position. It does not store the
+global random number generators, so dropout masks and sampled classes after a resume would
+differ from an uninterrupted run, and rows that a killed run logged after its last checkpoint
+would appear twice in ``metrics.csv``; and its restore of the data position misses cases
+(:meth:`ResumeState._restore_data_position`). :class:`ResumeState` handles all three.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global RNG states: torch (CPU and every CUDA device), numpy, python; as
+    tensors and plain Python values, which ``torch.load(weights_only=True)`` accepts."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate(states["python"])
+
+
+def drop_rows_after(metrics_csv: Path, step: int) -> int:
+    """Remove the rows of ``metrics_csv`` whose ``step`` is greater than ``step`` (written by a
+    run after the checkpoint it is resumed from); returns how many. Atomic rewrite."""
+    if not metrics_csv.is_file():
+        return 0
+    with open(metrics_csv, newline="") as file:
+        reader = csv.DictReader(file)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [row for row in rows if not row.get("step") or int(float(row["step"])) <= step]
+    if len(kept) < len(rows):
+        partial = metrics_csv.with_name(f".{metrics_csv.name}.{os.getpid()}.partial")
+        with open(partial, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(partial, metrics_csv)
+    return len(rows) - len(kept)
+
+
+class ResumeState(Callback):
+    """Stores every rank's global RNG states and the run's seed in each checkpoint and flushes
+    the loggers; on resume,
+    restores this rank's states when training starts (after any sanity check, which draws
+    random numbers) and drops the ``metrics.csv`` rows logged after the checkpoint.
+
+    RNG states are gathered from all ranks when saving (every rank runs the checkpoint hooks);
+    a checkpoint resumed on a different world size restores ``rank % saved ranks``, which is
+    deterministic but no longer the continuation of the original run.
+    """
+
+    def __init__(self) -> None:
+        self._to_restore: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, Any]] | None = None
+        self._epoch = 0
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        checkpoint["resume_state"] = {
+            "rng_states": gathered,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+            "logged_step": trainer.fit_loop.epoch_loop._batches_that_stepped,
+        }
+        for logger in trainer.loggers:  # rows up to the checkpoint survive a kill right after it
+            logger.save()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._loader_states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+        self._epoch = checkpoint.get("epoch", 0)
+        self._to_restore = checkpoint.get("resume_state")
+        if self._to_restore is None:
+            rank_zero_warn("the checkpoint has no RNG states (not written by visionzoo): the resumed run is not exact")
+            return
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if self._to_restore["seed"] != seed:
+            rank_zero_warn(
+                f"the checkpoint's run used seed_everything={self._to_restore['seed']}, this run uses {seed}: "
+                "the data order of later epochs will differ from the original run's"
+            )
+        saved_ranks = len(self._to_restore["rng_states"])
+        if saved_ranks != trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint was saved by {saved_ranks} ranks and resumes on {trainer.world_size}: "
+                "its random streams are reused, but the run is not the continuation of the original one"
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_data_position(trainer)
+        if self._to_restore is None:
+            return
+        saved = self._to_restore["rng_states"]
+        set_rng_states(saved[trainer.global_rank % len(saved)])
+        log_dir = trainer.log_dir  # a collective: every rank asks
+        if trainer.is_global_zero and log_dir:
+            dropped = drop_rows_after(Path(log_dir) / "metrics.csv", self._to_restore["logged_step"])
+            if dropped:
+                rank_zero_info(f"metrics.csv: dropped {dropped} rows logged after the checkpoint")
+        self._to_restore = None
+
+    def _restore_data_position(self, trainer: Trainer) -> None:
+        """Restart the train loader where the checkpoint left it, with the epoch's order.
+
+        Lightning's own restore of a ``StatefulDataLoader`` misses three cases: it drops the
+        position when the loader was built before the checkpoint was read (a
+        ``configure_optimizers`` that asks for ``trainer.estimated_stepping_batches``); it
+        replays the position with the sampler still at epoch 0 (a ``DistributedSampler`` is
+        set to the resumed epoch only afterwards); and a position at the end of an epoch
+        leaves the next epoch without batches. Here the iterator is rebuilt from the saved
+        position after setting the sampler's epoch; a position that used up its epoch is
+        restored (workers and their augmentation RNGs) and then moved on to the next epoch,
+        as an uninterrupted run's persistent workers would be.
+        """
+        states, self._loader_states = self._loader_states, None
+        fit_loop = trainer.fit_loop
+        if not states or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
+            return
+        loaders = [loader for loader in fit_loop._combined_loader.flattened if isinstance(loader, StatefulDataLoader)]
+        if len(loaders) != len(states):
+            rank_zero_warn(f"the checkpoint has {len(states)} train loader states for {len(loaders)} loaders: not restored")
+            return
+        for loader, state in zip(loaders, states):
+            main = state.get("_snapshot", {}).get("_main_snapshot", state)  # with workers / without
+            _set_sampler_epoch(loader, self._epoch)
+            loader.load_state_dict(state)
+            if main["_sampler_iter_yielded"] >= len(loader):
+                iter(loader)  # the saved position: its workers, their RNGs, nothing left to yield
+                _set_sampler_epoch(loader, self._epoch + 1)
+        fit_loop._combined_loader_states_to_load = []
+        iter(fit_loop._data_fetcher)  # the next epoch of a used-up position, as workers continue it

@@ -1,0 +1,72 @@
+"""Atomic checkpoint writes: a process killed in the middle of writing a checkpoint leaves the
+previous file intact, and visionzoo installs the atomic writer by default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from callbacks.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.cli import VisionZooCLI
+
+from conftest import CONFIGS, REPO
+
+DIE_HALFWAY = """
+import io, os, signal, sys, torch
+from callbacks.checkpoint_io import AtomicCheckpointIO
+
+real_save = torch.save
+def save_half_then_die(obj, file, *args, **kwargs):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    file.write(buffer.getvalue()[: buffer.tell() // 2])
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+AtomicCheckpointIO().save_checkpoint({"step": 2, "weight": torch.full((100_000,), 2.0)}, sys.argv[1])
+"""
+
+
+def test_a_kill_during_saving_leaves_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weight": torch.ones(100_000)}, target)
+
+    killed = subprocess.run([sys.executable, "-c", DIE_HALFWAY, str(target)], cwd=REPO)
+    assert killed.returncode == -9
+    partials = list(tmp_path.glob(".last.ckpt.*.partial"))
+    assert len(partials) == 1 and 0 < partials[0].stat().st_size  # the killed writer got half-way
+    assert io.load_checkpoint(target)["step"] == 1  # the previous checkpoint, whole
+
+    io.save_checkpoint({"step": 3, "weight": torch.full((100_000,), 3.0)}, target)
+    assert io.load_checkpoint(target)["step"] == 3
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))  # stale part removed
+
+
+def test_an_error_during_saving_leaves_the_previous_checkpoint_and_no_part(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+
+    def full_disk(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_visionzoo_installs_the_atomic_writer_unless_one_is_configured(mini_mvtec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "mvtec/msflow.yaml"), "--config", str(CONFIGS / "mvtec/mini.yaml"),
+            "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(mini_mvtec)]
+    cli = VisionZooCLI(args=args, run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    cli = VisionZooCLI(args=[*args, "--trainer.plugins", "lightning.pytorch.plugins.io.TorchCheckpointIO"], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
