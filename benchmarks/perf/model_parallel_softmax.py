@@ -27,8 +27,9 @@ Memory per rank (fp32, SGD with momentum), N = B·W the global batch:
 
 Communication per step and rank: the all-gather of embeddings (N·D floats) and labels (N), two
 all-reduces of N floats for the normaliser (max, sum of exponentials) and one for the target
-logit, the head's statistics (N or 2N floats), and in backward the all-reduce of the gathered
-embeddings' gradient (N·D floats). Independent of C: the class dimension never travels.
+logit, the head's statistics (N or 2N floats), and in backward the reduce-scatter of the
+gathered embeddings' gradient (N·D floats in, N·D/W out per rank: half an all-reduce's traffic).
+Independent of C: the class dimension never travels.
 """
 
 from __future__ import annotations

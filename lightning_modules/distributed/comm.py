@@ -43,21 +43,23 @@ def all_gather(x: Tensor) -> Tensor:
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        ctx.rows = x.shape[0]
         return _gather_equal(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         # Each rank holds the gradient of its own part of the loss w.r.t. the whole gathered
-        # tensor; the sum over ranks is the full gradient, of which this rank keeps its rows.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        # tensor; the sum over ranks is the full gradient, of which this rank needs its rows
+        # only: a reduce-scatter (half the traffic of an all-reduce).
+        grad = grad.contiguous()
+        mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, grad)
+        return mine
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """Every rank's ``x`` (equal shapes) concatenated along dim 0; the backward sums the
-    incoming gradients over ranks (all-reduce) and returns this rank's slice."""
+    incoming gradients over ranks and returns this rank's slice (one reduce-scatter)."""
     if world_info()[1] == 1:
         return x
     return _AllGatherWithGrad.apply(x)
