@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.formats.images import CorruptFileError, decode_image, read_image
 from datamodules.layout import layout_error
-from datamodules.resumable import AugmentationRNG, eval_loader, resumable_train_loader
+from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
 from datamodules.formats.recordio import (
     RecordIOReader,
     check_insightface_rec,
+    identity_key_ranges,
     image_keys,
     read_image_record,
     read_property,
@@ -137,6 +138,35 @@ class FolderFaceDataset(FaceDataset):
         return face_size(read_image(path)), label, i
 
 
+class IdentityPairDataset(AugmentationRNG, Dataset):
+    """Semi-Siamese Training's sampling (Du et al., ECCV 2020): item ``c`` is identity ``c`` as
+    two different images of it, ``image`` and ``image2`` (the same image twice when the identity
+    has one), with ``label`` c. ``members[c]`` lists the identity's positions in ``images``."""
+
+    def __init__(self, images: FaceDataset, members: Sequence[Sequence[int]]) -> None:
+        empty = [c for c, m in enumerate(members) if len(m) == 0]
+        if empty:
+            raise ValueError(f"{len(empty)} identities have no image (first: class {empty[0]}); identity pairs need one")
+        self.images = images
+        self.members = members
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, c: int) -> dict[str, Any]:
+        members = self.members[c]
+        order = torch.randperm(len(members), generator=self.generator).tolist()
+        first, second = order[0], order[1 % len(order)]
+        return {"image": self.images[members[first]]["image"], "image2": self.images[members[second]]["image"], "label": c}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "images": self.images.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.images.load_state_dict(state["images"])
+
+
 class VerificationDataset(Dataset):
     """The 2P images of a verification ``.bin`` as dicts ``image`` (3, 112, 112) float32 in [-1, 1],
     ``flipped`` (its horizontal flip, for the flip-sum embedding), ``pair_index`` (pair i owns
@@ -161,6 +191,8 @@ class MS1MDataModule(LightningDataModule):
     exist. There is one val DataLoader per set, in the order of :attr:`val_set_names`.
     ``train_format="auto"`` reads the RecordIO when ``<root>/train.rec`` exists, else the image
     folder ``folder`` (default ``root``) when it has identity sub-folders.
+    ``sampling="identity_pairs"`` makes an epoch one pass over the identities, each as two of
+    its images (:class:`IdentityPairDataset`, for SST); ``batch_size`` then counts identities.
     """
 
     benchmark = "ms1m"
@@ -175,6 +207,7 @@ class MS1MDataModule(LightningDataModule):
         num_workers: int = 4,
         skip_corrupt: bool = False,
         horizontal_flip: bool = True,
+        sampling: Literal["images", "identity_pairs"] = "images",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -191,6 +224,7 @@ class MS1MDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.skip_corrupt = skip_corrupt
         self.horizontal_flip = horizontal_flip
+        self.sampling = sampling
         self.train_dataset: Optional[FaceDataset] = None
         self.val_datasets: list[VerificationDataset] = []
         self._issame: dict[str, np.ndarray] = {}
@@ -298,21 +332,25 @@ class MS1MDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------ dataloaders
 
-    def _loader_options(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
+    def _identity_pairs(self) -> IdentityPairDataset:
+        images = self._train_dataset()
+        if isinstance(images, RecordIOFaceDataset):
+            first = images.keys[0]
+            members = [range(keys.start - first, keys.stop - first) for keys in identity_key_ranges(images.reader)]
+        else:
+            members = [[] for _ in range(self.num_classes)]
+            for position, (_, label) in enumerate(images.samples):
+                members[label].append(position)
+        return IdentityPairDataset(images, members)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, last partial batch dropped, resumable mid-epoch."""
-        return resumable_train_loader(self._train_dataset(), self.trainer, drop_last=True, **self._loader_options())
+        dataset = self._identity_pairs() if self.sampling == "identity_pairs" else self._train_dataset()
+        return resumable_train_loader(dataset, self.trainer, drop_last=True, **loader_options(self.batch_size, self.num_workers))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per verification set, in the order of :attr:`val_set_names`."""
-        return [eval_loader(dataset, **self._loader_options()) for dataset in self.val_datasets]
+        return [eval_loader(dataset, **loader_options(self.batch_size, self.num_workers)) for dataset in self.val_datasets]
 
     def test_dataloader(self) -> list[DataLoader]:
         """``visionzoo test`` reports the verification sets (the protocol has no other test split)."""

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.formats.images import CorruptFileError, read_image, read_mask, read_size
 from datamodules.layout import layout_error
-from datamodules.resumable import AugmentationRNG, eval_loader, resumable_train_loader
+from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
 
 log = logging.getLogger(__name__)
 
@@ -258,25 +258,19 @@ class MVTecDataModule(LightningDataModule):
     def _dataset(self, samples: list[Sample], augmentations: list[A.BasicTransform]) -> MVTecDataset:
         return MVTecDataset(samples, self._transform(augmentations), self.mask_resolution == "input")
 
-    def _loader_options(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled, with ``train_augmentations``, resumable mid-epoch."""
         dataset = self._dataset(self.train_samples, self.train_augmentations)
-        return resumable_train_loader(dataset, self.trainer, drop_last=False, **self._loader_options())
+        return resumable_train_loader(dataset, self.trainer, drop_last=False, **loader_options(self.batch_size, self.num_workers))
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out good training images; none (validation skipped) when ``val_fraction`` is 0."""
-        return eval_loader(self._dataset(self.val_samples, []), **self._loader_options()) if self.val_samples else []
+        if not self.val_samples:
+            return []
+        return eval_loader(self._dataset(self.val_samples, []), **loader_options(self.batch_size, self.num_workers))
 
     def test_dataloader(self) -> DataLoader:
-        return eval_loader(self._dataset(self.test_samples, []), **self._loader_options())
+        return eval_loader(self._dataset(self.test_samples, []), **loader_options(self.batch_size, self.num_workers))
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -56,6 +56,17 @@ class AugmentationRNG:
         self.generator.set_state(state["generator"])
 
 
+def loader_options(batch_size: int, num_workers: int) -> dict[str, Any]:
+    """The DataLoader options every visionzoo loader shares: workers kept alive across epochs,
+    pinned memory when a GPU is there."""
+    return {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": num_workers > 0,
+    }
+
+
 def resumable_train_loader(
     dataset: Dataset, trainer: Trainer | None, drop_last: bool, **loader_options: Any
 ) -> StatefulDataLoader:

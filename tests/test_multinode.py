@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, REPO
-from runner import ENV, assert_same_weights, final_weights, train_losses, visionzoo
+from conftest import CONFIGS
+from runner import ENV, assert_same_weights, final_weights, free_port, train_losses, visionzoo
 
 TIMEOUT_S = 20
 # One thread per rank in both launches: torchrun sets it, Lightning's own launcher does not,
 # and CPU kernels sum in a thread-count-dependent order.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(mini_ms1m: Path, *extra: str) -> list[str]:
@@ -39,7 +33,7 @@ def _args(mini_ms1m: Path, *extra: str) -> list[str]:
 def _launch_two_nodes(args: list[str], cwd: Path) -> list[subprocess.Popen]:
     """One ``torchrun --nnodes 2 --nproc_per_node 1`` per node, each in its own session (so that
     a test can kill a node with everything it started), output in ``cwd/node<i>.log``."""
-    port = _free_port()
+    port = free_port()
     torchrun = Path(sys.executable).with_name("torchrun")
     nodes = []
     for node in (0, 1):

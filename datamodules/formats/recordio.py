@@ -295,6 +295,26 @@ def image_keys(reader: RecordIOReader) -> Sequence[int]:
     return reader.keys
 
 
+def identity_key_ranges(reader: RecordIOReader) -> list[range]:
+    """The image keys of each class of an insightface ``.rec``: record 0 labels the identity
+    records ``[id_start, id_end)``, and identity record ``id_start + c`` labels class ``c``'s
+    images ``[first key, end key)``."""
+    header, _ = read_header(reader, 0)
+    if header.flag == 0 or not isinstance(header.label, tuple):
+        raise RecordIOError(f"{reader.rec_path}: record 0 is not an insightface header; cannot group images by identity")
+    id_start, id_end = (int(v) for v in header.label[:2])
+    ranges = []
+    for key in range(id_start, id_end):
+        identity, _ = read_header(reader, key)
+        if identity.flag == 0 or not isinstance(identity.label, tuple) or len(identity.label) < 2:
+            raise RecordIOError(
+                f"{reader.rec_path}: record {key} should be the identity record of class {key - id_start} "
+                f"(label [first key, end key)); got flag {identity.flag}, label {identity.label}"
+            )
+        ranges.append(range(int(identity.label[0]), int(identity.label[1])))
+    return ranges
+
+
 def read_image_record(reader: RecordIOReader, key: int) -> tuple[int, bytes]:
     """``(class id, encoded image)`` of image record ``key``; a vector label gives its first value
     (``MXFaceDataset``)."""

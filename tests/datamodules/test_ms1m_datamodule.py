@@ -166,6 +166,28 @@ def test_identity_folders(root: Path, tmp_path: Path) -> None:
     assert separate.num_classes == 3 and separate.run_name == "my_faces" and separate.val_set_names == VAL_SETS
 
 
+def test_identity_pair_sampling_from_recordio_and_from_folders(root: Path, tmp_path: Path) -> None:
+    datamodule = _datamodule(root, sampling="identity_pairs", batch_size=4)
+    datamodule.setup("fit")
+    pairs = datamodule.train_dataloader().dataset
+    assert len(pairs) == NUM_CLASSES  # an epoch is one pass over the identities
+    images = datamodule.train_dataset
+    for identity, members in enumerate(pairs.members):  # from the identity records of train.rec
+        assert len(members) == PER_CLASS and {images.read(i)[1] for i in members} == {identity}
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape == batch["image2"].shape == (4, 3, 112, 112)
+    assert not torch.equal(batch["image"], batch["image2"])
+
+    data = tmp_path / "shallow"
+    for name, colour in [("ann/1.png", 10), ("ann/2.png", 20), ("ben/1.png", 30)]:
+        _write_image(data / name, (112, 112), colour)
+    folder = _datamodule(data, sampling="identity_pairs", val_sets=[], horizontal_flip=False)
+    folder.setup("fit")
+    pairs = folder.train_dataloader().dataset
+    assert [list(m) for m in pairs.members] == [[0, 1], [2]]
+    assert torch.equal(pairs[1]["image"], pairs[1]["image2"])  # one image: used twice
+
+
 def test_missing_identity_folder(root: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="identity folders: " + str(tmp_path / "nowhere")):
         _datamodule(root, train_format="folder", folder=str(tmp_path / "nowhere")).setup("fit")

@@ -8,7 +8,6 @@ head, cross entropy. The margin heads are also checked against their formulas on
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +35,8 @@ from lightning_modules.nn.margins import (
     SoftmaxHead,
     margin_cos,
 )
+
+from runner import free_port
 
 WORLD_SIZES = (1, 2, 4)
 NUM_CLASSES, DIM, IN_FEATURES, BATCH = 50, 6, 5, 12  # global batch, split over the ranks
@@ -141,11 +142,6 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, list[dict]]:
@@ -153,7 +149,7 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
     results = {}
     for world_size in WORLD_SIZES:
         out_dir = tmp_path_factory.mktemp(f"world{world_size}")
-        mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=True)
         results[world_size] = [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
     return results
 
