@@ -98,3 +98,13 @@ def all_reduce_max(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
+
+
+@torch.no_grad()
+def broadcast_(tensors: list[Tensor], src: int) -> None:
+    """Overwrite ``tensors`` in place on every rank with rank ``src``'s values (same shapes and
+    order on every rank), e.g. to copy the best of several models to all ranks."""
+    if world_info()[1] == 1:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src)

@@ -1,0 +1,172 @@
+"""Search-Softmax (Wang et al., "Loss Function Search for Face Recognition", ICML 2020,
+arXiv 2007.06542): the margin is searched, not designed.
+
+Every margin softmax lowers the target probability p; LFS writes the modulated probability as
+p' = p / (α·p + 1 − α), α = a·e^{s/3}, a ≤ 0, and searches a by REINFORCE
+(:mod:`lightning_modules.nn.loss_search`, :class:`~lightning_modules.nn.margins.SearchSoftmaxHead`).
+As in the authors' ``loss_func_search.py``, the search is a population over the ranks:
+
+1. Each rank is a search worker and trains its own copy of the model (no gradient averaging
+   across ranks) on its share of the data, with a plain normalised FC head over all classes
+   (s·cos; the README recommends it while searching).
+2. From the second epoch on, each worker draws its own a = −|x|, x ~ π, at the start of every
+   epoch.
+3. From the third epoch on, at the end of each epoch every worker measures its verification
+   accuracy on the reward set (LFW) over all pairs; the accuracies are gathered, the best
+   worker's weights and optimizer state are copied to all workers, and the policy takes one
+   REINFORCE step on the normalised rewards (its gradient summed over the workers).
+
+So after every rewarded epoch all ranks hold the same model, and Lightning's validation and
+checkpoints see that model. After the unrewarded second epoch the ranks differ and that
+epoch's ``val/*`` mixes their embeddings. Defaults from the authors' ``main.py`` (method
+card §3): s = 32, σ = 0.2, policy Adam lr 0.05 betas (0.5, 0.999), SGD lr 0.1 momentum 0.9
+weight decay 1e-4, 20 epochs, lr x0.1 at epochs 4, 8, 10; each of their workers was 4 GPUs,
+here it is one rank. Only the ``global`` search (one a) is implemented.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from benchmarks.metrics.face import verification_accuracy
+from lightning_modules.distributed.comm import all_gather, broadcast_, world_info
+from lightning_modules.face.base import FaceRecognitionModule
+from lightning_modules.nn.backbones import create_embedding_backbone
+from lightning_modules.nn.loss_search import GaussianLossPolicy, normalised_rewards
+from lightning_modules.nn.margins import SearchSoftmaxHead
+
+
+class SearchSoftmaxRecognizer(FaceRecognitionModule):
+    """Search workers over the ranks, each with its own a (see the module docstring)."""
+
+    method_name = "search_softmax"
+
+    def __init__(
+        self,
+        num_classes: int,
+        head: SearchSoftmaxHead | None = None,
+        backbone: str = "iresnet50",
+        embedding_size: int = 512,
+        dropout: float = 0.0,
+        pretrained: bool = False,
+        weights: str | None = None,
+        sigma: float = 0.2,
+        policy_lr: float = 0.05,
+        first_sampled_epoch: int = 1,
+        first_rewarded_epoch: int = 2,
+        reward_set: str | None = None,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.0,
+        lr_schedule: Literal["polynomial", "step"] = "step",
+        lr_milestones: tuple[int, ...] = (4, 8, 10),
+        lr_gamma: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["head"])
+        self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
+        self.centres = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
+        self.head = head if head is not None else SearchSoftmaxHead(s=32.0, a=0.0)  # a until the first draw
+        self.policy = GaussianLossPolicy(num_parameters=1, sigma=sigma)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=policy_lr, betas=(0.5, 0.999))
+        self._sample: Tensor | None = None  # this worker's draw x of the epoch (a = −|x|)
+
+    def configure_model(self) -> None:
+        """Workers train independently: DDP averages only the policy (whose gradient in a
+        training step is zero; its update is the REINFORCE step)."""
+        model = [name for name, _ in self.named_parameters() if not name.startswith("policy.")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, model + [name for name, _ in self.named_buffers()]
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        cos = F.normalize(self(batch["image"]), dim=1) @ F.normalize(self.centres, dim=1).T
+        log_p = self.head(cos, batch["label"]).log_softmax(dim=1)
+        loss = self.head.loss(log_p.gather(1, batch["label"][:, None]).squeeze(1)).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss + 0.0 * self.policy.mu.sum()  # DDP needs one synchronised parameter
+
+    def _parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The model's parameters; the policy has its own optimizer."""
+        policy = {id(p) for p in self.policy.parameters()}
+        decay, no_decay = super()._parameter_groups()
+        return [p for p in decay if id(p) not in policy], [p for p in no_decay if id(p) not in policy]
+
+    # ---------------------------------------------------------------------------- the search
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch >= self.hparams.first_sampled_epoch:
+            rank, _ = world_info()
+            generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch * 1009 + rank)
+            self._sample = self.policy.sample(generator)
+            self.head.a = float(self.policy.search_parameters(self._sample)[0])
+        self.log("search/a", self.head.a, sync_dist=False, rank_zero_only=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At the epoch's last batch, before Lightning's validation: reward, copy the best, update π."""
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self.current_epoch >= self.hparams.first_rewarded_epoch:
+            self.search_step(self._reward_accuracy())
+
+    def search_step(self, accuracy: float) -> None:
+        """Gather every worker's accuracy, copy the best worker's model and optimizer state to
+        all, and take one REINFORCE step of the policy."""
+        rank, world_size = world_info()
+        accuracies = all_gather(torch.tensor([accuracy], device=self.device)).cpu()
+        best = int(accuracies.argmax())
+        broadcast_(self._model_state(), src=best)
+        rewards = normalised_rewards(accuracies.double()).float()
+        self.policy_optimizer.zero_grad()
+        (-self.policy.log_prob(self._sample) * rewards[rank]).backward()
+        if world_size > 1:
+            dist.all_reduce(self.policy.mu.grad)
+        self.policy_optimizer.step()
+        self.log_dict({"search/best_acc": float(accuracies.max()), "search/best_worker": float(best),
+                       "search/mu": float(self.policy.mu[0])}, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+
+    def _model_state(self) -> list[Tensor]:
+        """Every tensor that makes a worker: weights, buffers and the SGD state, in a fixed order."""
+        tensors = [p for name, p in self.named_parameters() if not name.startswith("policy.")]
+        tensors += [b for _, b in self.named_buffers()]
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    tensors += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor) and v.dim() > 0]
+        return tensors
+
+    @torch.no_grad()
+    def _reward_accuracy(self) -> float:
+        """This worker's verification accuracy on the reward set, over all of its pairs."""
+        datamodule = self.trainer.datamodule
+        name = self.hparams.reward_set or datamodule.val_set_names[0]
+        dataset = datamodule.val_datasets[datamodule.val_set_names.index(name)]
+        was_training = self.training
+        self.eval()
+        embeddings = []
+        for batch in DataLoader(dataset, batch_size=datamodule.batch_size):
+            images, flipped = batch["image"].to(self.device), batch["flipped"].to(self.device)
+            embeddings.append((self(images) + self(flipped)).float().cpu())
+        self.train(was_training)
+        embeddings_np = torch.cat(embeddings).numpy()
+        accuracy, _ = verification_accuracy(embeddings_np[0::2], embeddings_np[1::2], datamodule.issame(name))
+        return float(accuracy)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["search"] = {"a": self.head.a, "sample": self._sample, "policy_optimizer": self.policy_optimizer.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "search" in checkpoint:
+            self.head.a = checkpoint["search"]["a"]
+            self._sample = checkpoint["search"]["sample"]
+            self.policy_optimizer.load_state_dict(checkpoint["search"]["policy_optimizer"])
