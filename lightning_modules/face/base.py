@@ -47,9 +47,12 @@ class FaceRecognitionModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_embeddings = {}
 
+    def flip_sum_embeddings(self, batch: dict) -> Tensor:
+        """Embeddings of the images plus those of their flips (insightface: sum, then normalise)."""
+        return (self(batch["image"]) + self(batch["flipped"])).float()
+
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        embeddings = self(batch["image"]) + self(batch["flipped"])  # insightface: sum, then normalise
-        self._val_embeddings.setdefault(dataloader_idx, []).append((batch["index"], embeddings.float()))
+        self._val_embeddings.setdefault(dataloader_idx, []).append((batch["index"], self.flip_sum_embeddings(batch)))
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -33,9 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from benchmarks.metrics.face import verification_accuracy
+from datamodules.resumable import eval_loader
 from lightning_modules.distributed.comm import all_gather, broadcast_, world_info
 from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.nn.backbones import create_embedding_backbone
@@ -72,6 +72,9 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= first_sampled_epoch <= first_rewarded_epoch:
+            raise ValueError(f"model.first_rewarded_epoch={first_rewarded_epoch} must come at or after "
+                             f"model.first_sampled_epoch={first_sampled_epoch} >= 0: a reward needs a drawn a")
         self.save_hyperparameters(ignore=["head"])
         self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
         self.centres = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
@@ -116,30 +119,32 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """At the epoch's last batch, before Lightning's validation: reward, copy the best, update π."""
-        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self.current_epoch >= self.hparams.first_rewarded_epoch:
-            self.search_step(self._reward_accuracy())
+        last_batch = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last_batch and self.current_epoch >= self.hparams.first_rewarded_epoch:
+            accuracies = self.search_step(self._reward_accuracy(), self.trainer.optimizers)
+            self.log_dict({"search/best_acc": float(accuracies.max()), "search/best_worker": float(accuracies.argmax()),
+                           "search/mu": float(self.policy.mu[0])},
+                          on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
-    def search_step(self, accuracy: float) -> None:
-        """Gather every worker's accuracy, copy the best worker's model and optimizer state to
-        all, and take one REINFORCE step of the policy."""
+    def search_step(self, accuracy: float, optimizers: list[torch.optim.Optimizer]) -> Tensor:
+        """Gather every worker's reward accuracy, copy the best worker's model and optimizer state
+        to all, and take one REINFORCE step of the policy. Returns the accuracies by rank."""
         rank, world_size = world_info()
         accuracies = all_gather(torch.tensor([accuracy], device=self.device)).cpu()
-        best = int(accuracies.argmax())
-        broadcast_(self._model_state(), src=best)
+        broadcast_(self._worker_state(optimizers), src=int(accuracies.argmax()))
         rewards = normalised_rewards(accuracies.double()).float()
         self.policy_optimizer.zero_grad()
         (-self.policy.log_prob(self._sample) * rewards[rank]).backward()
         if world_size > 1:
             dist.all_reduce(self.policy.mu.grad)
         self.policy_optimizer.step()
-        self.log_dict({"search/best_acc": float(accuracies.max()), "search/best_worker": float(best),
-                       "search/mu": float(self.policy.mu[0])}, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+        return accuracies
 
-    def _model_state(self) -> list[Tensor]:
-        """Every tensor that makes a worker: weights, buffers and the SGD state, in a fixed order."""
+    def _worker_state(self, optimizers: list[torch.optim.Optimizer]) -> list[Tensor]:
+        """Every tensor that makes a worker: weights, buffers and the optimizer state, in a fixed order."""
         tensors = [p for name, p in self.named_parameters() if not name.startswith("policy.")]
         tensors += [b for _, b in self.named_buffers()]
-        for optimizer in self.trainer.optimizers:
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     tensors += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor) and v.dim() > 0]
@@ -150,13 +155,13 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         """This worker's verification accuracy on the reward set, over all of its pairs."""
         datamodule = self.trainer.datamodule
         name = self.hparams.reward_set or datamodule.val_set_names[0]
+        if name not in datamodule.val_set_names:
+            raise ValueError(f"model.reward_set={name!r} is not one of data.val_sets {datamodule.val_set_names}")
         dataset = datamodule.val_datasets[datamodule.val_set_names.index(name)]
         was_training = self.training
         self.eval()
-        embeddings = []
-        for batch in DataLoader(dataset, batch_size=datamodule.batch_size):
-            images, flipped = batch["image"].to(self.device), batch["flipped"].to(self.device)
-            embeddings.append((self(images) + self(flipped)).float().cpu())
+        embeddings = [self.flip_sum_embeddings({key: value.to(self.device) for key, value in batch.items()}).cpu()
+                      for batch in eval_loader(dataset, batch_size=datamodule.batch_size)]
         self.train(was_training)
         embeddings_np = torch.cat(embeddings).numpy()
         accuracy, _ = verification_accuracy(embeddings_np[0::2], embeddings_np[1::2], datamodule.issame(name))

@@ -2,7 +2,10 @@
 Recognition", ICML 2020, arXiv 2007.06542), as in the authors' ``loss_agent.py``.
 
 The policy is a set of Gaussians N(μ_i, σ), σ = 0.2, μ initialised to 0; the first mean passes
-through a ReLU. A sample x gives the Search-Softmax parameter a = −|x| (a ≤ 0 keeps the
+through a ReLU. UNVERIFIED: the ReLU's gradient here is straight-through (identity). With
+torch's ReLU the gradient is zero for μ_0 ≤ 0, and since a = −|x| is symmetric in the sign of
+x, the first REINFORCE steps push μ_0 below 0 about half the time, after which the policy
+could never move again. Forward values are the authors'. A sample x gives the Search-Softmax parameter a = −|x| (a ≤ 0 keeps the
 modulated probability below p). With ``search_type='global'`` (the code's default) there is
 one Gaussian; the ``local`` variant has one per probability bin (10).
 
@@ -27,10 +30,9 @@ class GaussianLossPolicy(nn.Module):
         self.sigma = sigma
 
     def distribution(self) -> Normal:
-        # ReLU on the first mean, written as a clamp: torch's relu has zero gradient at 0, where
-        # μ starts, and the policy would never move (the authors' handling is UNVERIFIED).
-        means = torch.cat([self.mu[:1].clamp(min=0.0), self.mu[1:]])
-        return Normal(means, self.sigma)
+        first = self.mu[:1]
+        first = first + (first.clamp(min=0.0) - first).detach()  # ReLU, straight-through gradient
+        return Normal(torch.cat([first, self.mu[1:]]), self.sigma)
 
     @torch.no_grad()
     def sample(self, generator: torch.Generator) -> Tensor:
