@@ -15,10 +15,12 @@ CONFIGS = REPO / "configs"
 def mini_data(tmp_path_factory) -> Path:
     from datamodules.mini.ms1m import write_ms1m
     from datamodules.mini.mvtec import write_mvtec
+    from datamodules.mini.ucf101 import write_ucf101
 
     root = tmp_path_factory.mktemp("mini")
     write_mvtec(root / "mvtec", seed=0)
     write_ms1m(root / "ms1m", seed=0)
+    write_ucf101(root / "ucf101", seed=0)
     return root
 
 
@@ -30,3 +32,8 @@ def mini_mvtec(mini_data) -> Path:
 @pytest.fixture(scope="session")
 def mini_ms1m(mini_data) -> Path:
     return mini_data / "ms1m"
+
+
+@pytest.fixture(scope="session")
+def mini_ucf101(mini_data) -> Path:
+    return mini_data / "ucf101"

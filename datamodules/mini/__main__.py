@@ -1,10 +1,10 @@
-"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini {mvtec,ms1m} OUT``."""
+"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini {mvtec,ms1m,ucf101} OUT``."""
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.mini import ms1m, mvtec
+from datamodules.mini import ms1m, mvtec, ucf101
 
 
 def _summary(root: Path) -> str:
@@ -40,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_ms1m.set_defaults(
         write=lambda args: ms1m.write_ms1m(args.out, num_identities=args.identities, seed=args.seed)
     )
+
+    parser_ucf101 = benchmarks.add_parser("ucf101", help="mini UCF101 (synthetic moving shapes, .avi)")
+    parser_ucf101.add_argument("out", type=Path)
+    parser_ucf101.add_argument("--seed", type=int, default=0)
+    parser_ucf101.set_defaults(write=lambda args: ucf101.write_ucf101(args.out, seed=args.seed))
 
     args = parser.parse_args(argv)
     print(_summary(args.write(args)))

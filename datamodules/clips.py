@@ -1,0 +1,133 @@
+"""Clip sampling in time and clip augmentation in space, shared by the video DataModules and
+their pretext samplers.
+
+A clip is ``num_frames`` frames ``frame_stride`` apart; it spans (num_frames − 1)·stride + 1
+frames. Frames past the end of a short video repeat its last frame. Every spatial transform
+draws its parameters once per clip and applies them to all of its frames, and every random
+number comes from a ``torch.Generator`` the caller owns (:mod:`datamodules.resumable`).
+Frames come in as RGB uint8 tensors [T, H, W, 3] and leave as float [3, T, H, W] normalised
+with the ImageNet mean and std (:func:`to_model_input`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def clip_span(num_frames: int, frame_stride: int) -> int:
+    return (num_frames - 1) * frame_stride + 1
+
+
+def clip_indices(start: int, num_frames: int, frame_stride: int, length: int) -> list[int]:
+    """Frame indices of the clip starting at ``start``; past the end, the last frame repeats."""
+    return [min(start + k * frame_stride, length - 1) for k in range(num_frames)]
+
+
+def random_start(length: int, span: int, generator: torch.Generator) -> int:
+    """A uniformly random start with the whole span inside the video (0 when it is shorter)."""
+    return int(torch.randint(max(length - span, 0) + 1, (), generator=generator))
+
+
+def uniform_starts(length: int, span: int, count: int) -> list[int]:
+    """``count`` evenly spaced starts: clip centres at linspace(span/2, length − span/2, count),
+    VCOP's ``retrieve_clips.py`` and the usual 10-clip video-level test."""
+    if length <= span:
+        return [0] * count
+    centres = np.linspace(span / 2, length - span / 2, count)
+    return [int(round(c - span / 2)) for c in centres]
+
+
+def as_clip(frames: np.ndarray | Tensor) -> Tensor:
+    """RGB uint8 frames [T, H, W, 3] as a uint8 tensor [T, 3, H, W] (torchvision's video layout)."""
+    return torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+
+
+def resize_short_side(clip: Tensor, size: int) -> Tensor:
+    return TF.resize(clip, [size], antialias=True)
+
+
+def random_resized_crop_box(
+    height: int, width: int, generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop with area fraction in ``scale`` and aspect ratio in ``ratio``
+    (log-uniform), torchvision's RandomResizedCrop rule with 10 tries then the centre crop."""
+    area = height * width
+    for _ in range(10):
+        target = area * float(torch.empty(()).uniform_(*scale, generator=generator))
+        log_ratio = torch.empty(()).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+        aspect = math.exp(float(log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(height - h + 1, (), generator=generator))
+            left = int(torch.randint(width - w + 1, (), generator=generator))
+            return top, left, h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def crop_resize(clip: Tensor, box: tuple[int, int, int, int], size: int) -> Tensor:
+    top, left, h, w = box
+    return TF.resized_crop(clip, top, left, h, w, [size, size], antialias=True)
+
+
+def center_crop(clip: Tensor, size: int) -> Tensor:
+    return TF.center_crop(clip, [size, size])
+
+
+def coin(p: float, generator: torch.Generator) -> bool:
+    return float(torch.rand((), generator=generator)) < p
+
+
+def color_augment(
+    clip: Tensor, generator: torch.Generator, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+    p_jitter: float = 0.8, p_gray: float = 0.2, p_blur: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+) -> Tensor:
+    """MoCo-v2's colour augmentation (ColorJitter(brightness, contrast, saturation, hue) with
+    probability ``p_jitter``, grayscale, Gaussian blur), one draw for the whole clip."""
+    if coin(p_jitter, generator):
+        brightness, contrast, saturation, hue = jitter
+        factor = lambda strength: float(torch.empty(()).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator))  # noqa: E731
+        clip = TF.adjust_brightness(clip, factor(brightness))
+        clip = TF.adjust_contrast(clip, factor(contrast))
+        clip = TF.adjust_saturation(clip, factor(saturation))
+        clip = TF.adjust_hue(clip, float(torch.empty(()).uniform_(-hue, hue, generator=generator)))
+    if coin(p_gray, generator):
+        clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+    if coin(p_blur, generator):
+        sigma = float(torch.empty(()).uniform_(*blur_sigma, generator=generator))
+        kernel = 2 * math.ceil(2 * sigma) + 1
+        clip = TF.gaussian_blur(clip, [kernel, kernel], [sigma, sigma])
+    return clip
+
+
+def to_model_input(clip: Tensor) -> Tensor:
+    """uint8 [T, 3, H, W] → float [3, T, H, W], ImageNet-normalised."""
+    clip = TF.normalize(clip.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    return clip.permute(1, 0, 2, 3).contiguous()
+
+
+def train_clip(frames: np.ndarray, size: int, generator: torch.Generator, scale: tuple[float, float] = (0.2, 1.0),
+               resize: int | None = None, flip: bool = True) -> Tensor:
+    """The usual training view: resize the short side to ``resize`` (if given), a random
+    resized crop to ``size``², a horizontal flip with probability 0.5."""
+    clip = as_clip(frames)
+    if resize is not None:
+        clip = resize_short_side(clip, resize)
+    clip = crop_resize(clip, random_resized_crop_box(*clip.shape[-2:], generator, scale), size)
+    if flip and coin(0.5, generator):
+        clip = TF.horizontal_flip(clip)
+    return to_model_input(clip)
+
+
+def eval_clip(frames: np.ndarray, size: int, resize: int) -> Tensor:
+    """The usual test view: the short side resized to ``resize``, the centre ``size``² crop."""
+    return to_model_input(center_crop(resize_short_side(as_clip(frames), resize), size))

@@ -1,0 +1,83 @@
+"""Frame-accurate reading of video files with decord (default) or PyAV.
+
+decord seeks to the keyframe before each request and decodes forward, which is fast for clip
+sampling. Some files (broken indexes, variable frame rates) make it mis-seek; the ``pyav``
+backend is the way out: it decodes sequentially from the first frame, slower but exact. Both
+return RGB uint8 frames [T, H, W, 3] for any list of frame indices (unsorted, repeated).
+An unreadable file raises :class:`~datamodules.formats.images.CorruptFileError` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from datamodules.formats.images import CorruptFileError
+
+Backend = Literal["decord", "pyav"]
+
+
+class VideoReader:
+    """One open video. ``num_threads`` is decord's decoding threads per reader: 1 when several
+    DataLoader workers decode in parallel (the default), more for a single reader."""
+
+    def __init__(self, path: str | Path, backend: Backend = "decord", num_threads: int = 1) -> None:
+        self.path = Path(path)
+        self.backend = backend
+        if not self.path.is_file():
+            raise FileNotFoundError(f"video not found: {self.path}")
+        if backend == "decord":
+            import decord
+
+            try:
+                self._decord = decord.VideoReader(str(self.path), num_threads=num_threads)
+                self.num_frames = len(self._decord)
+            except (decord.DECORDError, RuntimeError) as error:  # decord raises both
+                raise CorruptFileError(f"cannot decode video {self.path} with decord: {error}") from error
+        elif backend == "pyav":
+            self.num_frames = len(self._decode_pyav(None))
+        else:
+            raise ValueError(f"backend must be 'decord' or 'pyav', got {backend!r}")
+        if self.num_frames == 0:
+            raise CorruptFileError(f"video {self.path} has no frames")
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def frames(self, indices: Sequence[int]) -> np.ndarray:
+        """Frames ``indices`` as RGB uint8 [T, H, W, 3]."""
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("no frame indices requested")
+        bad = [i for i in indices if not 0 <= i < self.num_frames]
+        if bad:
+            raise IndexError(f"frames {bad} out of range for {self.path} ({self.num_frames} frames)")
+        if self.backend == "decord":
+            import decord
+
+            try:
+                return self._decord.get_batch(indices).asnumpy()
+            except (decord.DECORDError, RuntimeError) as error:  # decord raises both
+                raise CorruptFileError(f"cannot decode frames of {self.path} with decord: {error}") from error
+        decoded = self._decode_pyav(max(indices))
+        return np.stack([decoded[i] for i in indices])
+
+    def _decode_pyav(self, last: int | None) -> list[np.ndarray]:
+        """Every frame from the start up to ``last`` (all frames for None) as RGB arrays."""
+        import av
+
+        frames: list[np.ndarray] = []
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise CorruptFileError(f"{self.path} has no video stream")
+                for frame in container.decode(video=0):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if last is not None and len(frames) > last:
+                        break
+        except av.error.FFmpegError as error:
+            raise CorruptFileError(f"cannot decode video {self.path} with PyAV: {error}") from error
+        return frames

@@ -1,0 +1,332 @@
+"""UCF101 (Soomro et al., 2012) in its official layout, read as clips with decord or PyAV.
+
+Layout (benchmarks.md §4)::
+
+    <root>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi
+    <root>/ucfTrainTestlist/classInd.txt          "1 ApplyEyeMakeup" ... 1-based
+    <root>/ucfTrainTestlist/trainlist0{1,2,3}.txt  "ApplyEyeMakeup/v_..._g08_c01.avi 1"
+    <root>/ucfTrainTestlist/testlist0{1,2,3}.txt   "ApplyEyeMakeup/v_..._g01_c01.avi"
+
+Labels are 0-based positions in ``classInd.txt``, whose order is case-insensitive
+alphabetical (Python's ``sorted()`` swaps HammerThrow/Hammering and JumpRope/JumpingJack, so
+the mapping is never derived from the folders). The class of a video is its folder, never its
+file name: the ``HandstandPushups`` folder holds ``v_HandStandPushups_*.avi``. List files may
+end lines with CRLF.
+
+Training samples come from a :class:`ClipSampler` (by default one random clip per video per
+epoch; the pretext samplers of SeCo, CMD and CSTP subclass it). Validation and test read the
+test list as ``val_clips`` / ``test_clips`` uniformly spaced clips per video with a centre
+crop, each carrying ``video_index`` so that scores can be averaged per video; with
+``test_gallery`` the train list is a second test set (the gallery of clip retrieval).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import Dataset, default_collate
+
+from datamodules.clips import (
+    clip_indices, clip_span, eval_clip, random_start, train_clip, uniform_starts,
+)
+from datamodules.formats.images import CorruptFileError
+from datamodules.formats.video import Backend, VideoReader
+from datamodules.layout import layout_error
+from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
+
+log = logging.getLogger(__name__)
+
+VIDEO_FOLDER = "UCF-101"
+LIST_FOLDER = "ucfTrainTestlist"
+_MAX_REPLACEMENTS = 50
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a split list: its file, its 0-based label, its relative path as listed."""
+
+    path: Path
+    label: int
+    name: str
+
+
+def read_class_index(path: Path) -> list[str]:
+    """Class names of ``classInd.txt`` in file order (line k is label k − 1)."""
+    classes = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2 or not fields[0].isdigit():
+            raise ValueError(f"{path}:{line_number}: expected '<index> <ClassName>', got {line!r}")
+        if int(fields[0]) != len(classes) + 1:
+            raise ValueError(f"{path}:{line_number}: expected index {len(classes) + 1}, got {fields[0]}")
+        classes.append(fields[1])
+    if not classes:
+        raise ValueError(f"{path} lists no classes")
+    return classes
+
+
+def read_split_list(path: Path, classes: list[str], video_root: Path) -> list[VideoRecord]:
+    """The videos of a ``trainlist``/``testlist`` file. The class comes from the folder part of
+    each line; a label given on the line (train lists, 1-based) must agree with it."""
+    label_of = {name: i for i, name in enumerate(classes)}
+    records = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        name = fields[0]
+        folder = name.split("/")[0]
+        if "/" not in name or folder not in label_of:
+            raise ValueError(f"{path}:{line_number}: {name!r} is not <Class>/<video> with a class of classInd.txt")
+        label = label_of[folder]
+        if len(fields) > 1 and fields[1] != str(label + 1):
+            raise ValueError(f"{path}:{line_number}: label {fields[1]} disagrees with classInd.txt, "
+                             f"which gives {folder} the label {label + 1}")
+        records.append(VideoRecord(video_root / name, label, name))
+    return records
+
+
+class ClipSampler:
+    """One training sample from one video: a clip of ``num_frames`` frames ``frame_stride``
+    apart at a random position, resized (short side ``resize``), randomly crop-resized
+    (area ``crop_scale``) to ``image_size``² and flipped, as dict ``video`` [3, T, H, W].
+    Pretext samplers subclass it and return their own fields."""
+
+    def __init__(self, num_frames: int = 16, frame_stride: int = 4, image_size: int = 112, resize: int = 128,
+                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.num_frames = num_frames
+        self.frame_stride = frame_stride
+        self.image_size = image_size
+        self.resize = resize
+        self.crop_scale = crop_scale
+
+    @property
+    def span(self) -> int:
+        return clip_span(self.num_frames, self.frame_stride)
+
+    def __call__(self, video: VideoReader, record: VideoRecord, generator: torch.Generator) -> dict[str, Any]:
+        start = random_start(len(video), self.span, generator)
+        frames = video.frames(clip_indices(start, self.num_frames, self.frame_stride, len(video)))
+        return {"video": train_clip(frames, self.image_size, generator, self.crop_scale, self.resize)}
+
+
+class _VideoFiles(AugmentationRNG, Dataset):
+    """Opens videos with the chosen backend; counts corrupt ones in shared memory (the
+    DataLoader workers add to it, see :class:`datamodules.ms1m.FaceDataset`)."""
+
+    def __init__(self, records: list[VideoRecord], backend: Backend, decode_threads: int, skip_corrupt: bool) -> None:
+        self.records = records
+        self.backend = backend
+        self.decode_threads = decode_threads
+        self.skip_corrupt = skip_corrupt
+        self._skipped = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._skipped)
+
+    def _open(self, record: VideoRecord) -> VideoReader:
+        return VideoReader(record.path, self.backend, self.decode_threads)
+
+    def _count_skip(self, error: Exception, action: str) -> None:
+        self._skipped += 1
+        log.warning("corrupt video %s (%d skipped so far): %s", action, self.num_skipped, error)
+
+
+class TrainVideos(_VideoFiles):
+    """One sample per video per epoch from ``sampler``, plus ``label``, ``path`` and ``video_index``.
+    With ``skip_corrupt`` a corrupt video is replaced by a random other one."""
+
+    def __init__(self, records: list[VideoRecord], sampler: ClipSampler, backend: Backend = "decord",
+                 decode_threads: int = 1, skip_corrupt: bool = False) -> None:
+        super().__init__(records, backend, decode_threads, skip_corrupt)
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for _ in range(_MAX_REPLACEMENTS):
+            record = self.records[i]
+            try:
+                sample = self.sampler(self._open(record), record, self.generator)
+            except CorruptFileError as error:
+                if not self.skip_corrupt:
+                    raise
+                self._count_skip(error, "replaced by a random one")
+                i = int(torch.randint(len(self), (), generator=self.generator))
+                continue
+            return {**sample, "label": record.label, "path": str(record.path), "video_index": i}
+        raise RuntimeError(f"{_MAX_REPLACEMENTS} corrupt videos in a row; is the dataset corrupt as a whole?")
+
+
+class EvalClips(_VideoFiles):
+    """``clips_per_video`` uniformly spaced clips of every video (centre crop), item k being
+    clip k % clips_per_video of video k // clips_per_video. With ``skip_corrupt`` the clips of a
+    corrupt video are dropped from their batch (:func:`collate_dropping_skipped`) and counted."""
+
+    def __init__(self, records: list[VideoRecord], clips_per_video: int, num_frames: int, frame_stride: int,
+                 image_size: int, resize: int, backend: Backend = "decord", decode_threads: int = 1,
+                 skip_corrupt: bool = False) -> None:
+        super().__init__(records, backend, decode_threads, skip_corrupt)
+        self.clips_per_video = clips_per_video
+        self.num_frames, self.frame_stride = num_frames, frame_stride
+        self.image_size, self.resize = image_size, resize
+
+    def __len__(self) -> int:
+        return len(self.records) * self.clips_per_video
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        video_index, clip_index = divmod(i, self.clips_per_video)
+        record = self.records[video_index]
+        try:
+            video = self._open(record)
+            start = uniform_starts(len(video), clip_span(self.num_frames, self.frame_stride), self.clips_per_video)[clip_index]
+            frames = video.frames(clip_indices(start, self.num_frames, self.frame_stride, len(video)))
+        except CorruptFileError as error:
+            if not self.skip_corrupt:
+                raise
+            if clip_index == 0:
+                self._count_skip(error, "left out of the evaluation")
+            return None
+        return {"video": eval_clip(frames, self.image_size, self.resize), "label": record.label,
+                "path": str(record.path), "video_index": video_index, "clip_index": clip_index}
+
+
+def collate_dropping_skipped(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``default_collate`` of the samples that were read; None when none was."""
+    kept = [sample for sample in samples if sample is not None]
+    return default_collate(kept) if kept else None
+
+
+class UCF101DataModule(LightningDataModule):
+    """UCF101 clips of split ``split`` (1 to 3); see the module docstring for the layout.
+
+    ``num_frames``, ``frame_stride``, ``image_size`` and ``resize`` shape the evaluation clips
+    and the default training sampler; ``train_sampler`` replaces the latter (pretext tasks).
+    ``backend`` is ``decord`` (seeking, fast) or ``pyav`` (sequential decoding, for files that
+    decord mis-seeks); ``decode_threads`` is decord's threads per DataLoader worker.
+    """
+
+    benchmark = "ucf101"
+
+    def __init__(
+        self,
+        root: str,
+        split: Literal[1, 2, 3] = 1,
+        num_frames: int = 16,
+        frame_stride: int = 4,
+        image_size: int = 112,
+        resize: int = 128,
+        train_sampler: Optional[ClipSampler] = None,
+        val_clips: int = 1,
+        test_clips: int = 10,
+        test_gallery: bool = False,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        backend: Backend = "decord",
+        decode_threads: int = 1,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_sampler"])
+        if split not in (1, 2, 3):
+            raise ValueError(f"data.split must be 1, 2 or 3, got {split}")
+        self.root = Path(root)
+        self.split = split
+        self.train_sampler = train_sampler or ClipSampler(num_frames, frame_stride, image_size, resize)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def list_folder(self) -> Path:
+        return self.root / LIST_FOLDER
+
+    @property
+    def run_name(self) -> str:
+        return f"split{self.split}"
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (``classInd.txt``)."""
+        self._check_layout()
+        return read_class_index(self.list_folder / "classInd.txt")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def records(self, which: Literal["train", "test"]) -> list[VideoRecord]:
+        """The videos of this split's train or test list."""
+        return read_split_list(self.list_folder / f"{which}list0{self.split}.txt", self.classes, self.root / VIDEO_FOLDER)
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt videos met so far (``skip_corrupt=True``)."""
+        return sum(dataset.num_skipped for dataset in self.datasets.values())
+
+    def describe(self) -> dict[str, Any]:
+        """What the results writer records about the evaluated data."""
+        hp = self.hparams
+        return {"root": str(self.root.resolve()), "split": self.split, "num_frames": hp.num_frames,
+                "frame_stride": hp.frame_stride, "image_size": hp.image_size, "resize": hp.resize,
+                "test_clips": hp.test_clips, "query": f"testlist0{self.split}",
+                "gallery": f"trainlist0{self.split}" if hp.test_gallery else None}
+
+    # ----------------------------------------------------------------------------- setup
+
+    def _check_layout(self) -> None:
+        names = ["classInd.txt", f"trainlist0{self.split}.txt", f"testlist0{self.split}.txt"]
+        missing = [str(self.list_folder / name) for name in names if not (self.list_folder / name).is_file()]
+        if not (self.root / VIDEO_FOLDER).is_dir():
+            missing.append(f"{self.root / VIDEO_FOLDER}/<Class>/v_<Class>_gXX_cYY.avi")
+        if missing:
+            raise layout_error("UCF101", self.root, missing)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Parse the lists, check that every listed video exists and that no video is in both."""
+        self._check_layout()
+        train, test = self.records("train"), self.records("test")
+        missing = [str(r.path) for r in train + test if not r.path.is_file()]
+        if missing:
+            raise layout_error("UCF101", self.root, missing, f"(videos listed in {self.list_folder} but not on disk)")
+        leaked = sorted({r.name for r in train} & {r.name for r in test})
+        if leaked:
+            raise ValueError(f"split {self.split}: {len(leaked)} videos are in both the train and the test list, e.g. {leaked[:3]}")
+        hp = self.hparams
+        io = {"backend": hp.backend, "decode_threads": hp.decode_threads, "skip_corrupt": hp.skip_corrupt}
+        clip = {"num_frames": hp.num_frames, "frame_stride": hp.frame_stride, "image_size": hp.image_size, "resize": hp.resize}
+        self.datasets = {
+            "train": TrainVideos(train, self.train_sampler, **io),
+            "val": EvalClips(test, hp.val_clips, **clip, **io),
+            "test": EvalClips(test, hp.test_clips, **clip, **io),
+        }
+        if hp.test_gallery:
+            self.datasets["gallery"] = EvalClips(train, hp.test_clips, **clip, **io)
+
+    # ----------------------------------------------------------------------------- loaders
+
+    def _eval_loader(self, name: str):
+        options = loader_options(self.batch_size, self.num_workers)
+        return eval_loader(self.datasets[name], collate_fn=collate_dropping_skipped, **options)
+
+    def train_dataloader(self):
+        options = loader_options(self.batch_size, self.num_workers)
+        return resumable_train_loader(self.datasets["train"], self.trainer, drop_last=True, **options)
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        """The test list; with ``test_gallery``, [gallery (train list), queries (test list)]."""
+        if self.hparams.test_gallery:
+            return [self._eval_loader("gallery"), self._eval_loader("test")]
+        return self._eval_loader("test")
