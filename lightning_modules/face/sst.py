@@ -36,36 +36,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.distributed.comm import all_gather, world_info
+from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
 from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.margins import MarginHead, SoftmaxHead
-
-
-def gallery_mode(network: nn.Module) -> None:
-    """SST's gallery: BatchNorm layers in train mode, all else (dropout) in eval mode."""
-    for module in network.modules():
-        module.train(isinstance(module, nn.modules.batchnorm._BatchNorm))
-
-
-@torch.no_grad()
-def shuffled_batchnorm_forward(network: nn.Module, images: Tensor, generator: torch.Generator) -> Tensor:
-    """``network(images)`` with MoCo's shuffle-BN: the global batch is permuted across ranks
-    before the forward and restored after, so that BatchNorm's statistics mix samples of
-    other ranks. ``generator`` must draw the same permutation on every rank."""
-    rank, world_size = world_info()
-    if world_size == 1:
-        return network(images)
-    batch = images.shape[0]
-    permutation = torch.randperm(batch * world_size, generator=generator).to(images.device)
-    mine = permutation[rank * batch : (rank + 1) * batch]
-    outputs = all_gather(network(all_gather(images)[mine]))
-    restored = torch.empty_like(outputs)
-    restored[permutation] = outputs
-    return restored[rank * batch : (rank + 1) * batch]
+from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
 
 
 class SemiSiameseTraining(FaceRecognitionModule):
@@ -118,7 +97,7 @@ class SemiSiameseTraining(FaceRecognitionModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x1, x2, identity = batch["image"], batch["image2"], batch["label"]
         probe1, probe2 = F.normalize(self(x1), dim=1), F.normalize(self(x2), dim=1)
-        gallery_mode(self.gallery)
+        momentum_encoder_mode(self.gallery)
         with torch.no_grad():
             gallery1 = F.normalize(shuffled_batchnorm_forward(self.gallery, x1, self._shared_generator), dim=1)
             gallery2 = F.normalize(shuffled_batchnorm_forward(self.gallery, x2, self._shared_generator), dim=1)
@@ -162,9 +141,7 @@ class SemiSiameseTraining(FaceRecognitionModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """θ_g ← α·θ_g + (1 − α)·θ_p after the optimizer step."""
-        alpha = self.hparams.gallery_momentum
-        for gallery, probe in zip(self.gallery.parameters(), self.backbone.parameters()):
-            gallery.mul_(alpha).add_(probe.detach(), alpha=1.0 - alpha)
+        momentum_update_(self.gallery, self.backbone, self.hparams.gallery_momentum)
 
     def configure_model(self) -> None:
         """The queue is the same on every rank (it is written from gathered prototypes): keep

@@ -17,7 +17,9 @@ from torch.utils.data import Dataset
 from datamodules.ms1m import IdentityPairDataset
 from datamodules.resumable import AugmentationRNG
 from lightning_modules.cli import VisionZooCLI
-from lightning_modules.face.sst import SemiSiameseTraining, gallery_mode, shuffled_batchnorm_forward
+from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
+from lightning_modules.face.sst import SemiSiameseTraining
+from lightning_modules.nn.momentum import momentum_encoder_mode
 from lightning_modules.nn.margins import CombinedMarginHead
 
 from conftest import CONFIGS
@@ -105,7 +107,7 @@ def test_gallery_follows_the_probe_by_momentum_and_keeps_batchnorm_training():
     for old, new, probe in zip(before, model.gallery.parameters(), model.backbone.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * probe)
     assert not any(p.requires_grad for p in model.gallery.parameters())
-    gallery_mode(model.gallery)
+    momentum_encoder_mode(model.gallery)
     modes = {type(m).__name__: m.training for m in model.gallery.modules() if not list(m.children())}
     assert modes["BatchNorm2d"] and not modes.get("Dropout", False)
 
