@@ -93,28 +93,34 @@ def read_split_list(path: Path, classes: list[str], video_root: Path) -> list[Vi
     return records
 
 
-class ClipSampler:
-    """One training sample from one video: a clip of ``num_frames`` frames ``frame_stride``
-    apart at a random position, resized (short side ``resize``), randomly crop-resized
-    (area ``crop_scale``) to ``image_size``² and flipped, as dict ``video`` [3, T, H, W].
-    Pretext samplers subclass it and return their own fields."""
+@dataclass(frozen=True)
+class ClipSpec:
+    """The clip geometry of a DataModule: ``num_frames`` frames ``frame_stride`` apart, the
+    short side resized to ``resize``, crops of ``image_size``²."""
 
-    def __init__(self, num_frames: int = 16, frame_stride: int = 4, image_size: int = 112, resize: int = 128,
-                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
-        self.num_frames = num_frames
-        self.frame_stride = frame_stride
-        self.image_size = image_size
-        self.resize = resize
-        self.crop_scale = crop_scale
+    num_frames: int
+    frame_stride: int
+    image_size: int
+    resize: int
 
     @property
     def span(self) -> int:
         return clip_span(self.num_frames, self.frame_stride)
 
-    def __call__(self, video: VideoReader, record: VideoRecord, generator: torch.Generator) -> dict[str, Any]:
-        start = random_start(len(video), self.span, generator)
-        frames = video.frames(clip_indices(start, self.num_frames, self.frame_stride, len(video)))
-        return {"video": train_clip(frames, self.image_size, generator, self.crop_scale, self.resize)}
+
+class ClipSampler:
+    """One training sample from one video: a clip of the DataModule's :class:`ClipSpec` at a
+    random position, randomly crop-resized (area fraction ``crop_scale``) and flipped, as dict
+    ``video`` [3, T, H, W]. Pretext samplers subclass it, keep their own options in
+    ``__init__`` and return their own fields."""
+
+    def __init__(self, crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.crop_scale = crop_scale
+
+    def __call__(self, video: VideoReader, record: VideoRecord, spec: ClipSpec, generator: torch.Generator) -> dict[str, Any]:
+        start = random_start(len(video), spec.span, generator)
+        frames = video.frames(clip_indices(start, spec.num_frames, spec.frame_stride, len(video)))
+        return {"video": train_clip(frames, spec.image_size, generator, self.crop_scale, spec.resize)}
 
 
 class _VideoFiles(AugmentationRNG, Dataset):
@@ -144,10 +150,11 @@ class TrainVideos(_VideoFiles):
     """One sample per video per epoch from ``sampler``, plus ``label``, ``path`` and ``video_index``.
     With ``skip_corrupt`` a corrupt video is replaced by a random other one."""
 
-    def __init__(self, records: list[VideoRecord], sampler: ClipSampler, backend: Backend = "decord",
+    def __init__(self, records: list[VideoRecord], sampler: ClipSampler, spec: ClipSpec, backend: Backend = "decord",
                  decode_threads: int = 1, skip_corrupt: bool = False) -> None:
         super().__init__(records, backend, decode_threads, skip_corrupt)
         self.sampler = sampler
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.records)
@@ -156,7 +163,7 @@ class TrainVideos(_VideoFiles):
         for _ in range(_MAX_REPLACEMENTS):
             record = self.records[i]
             try:
-                sample = self.sampler(self._open(record), record, self.generator)
+                sample = self.sampler(self._open(record), record, self.spec, self.generator)
             except CorruptFileError as error:
                 if not self.skip_corrupt:
                     raise
@@ -172,13 +179,11 @@ class EvalClips(_VideoFiles):
     clip k % clips_per_video of video k // clips_per_video. With ``skip_corrupt`` the clips of a
     corrupt video are dropped from their batch (:func:`collate_dropping_skipped`) and counted."""
 
-    def __init__(self, records: list[VideoRecord], clips_per_video: int, num_frames: int, frame_stride: int,
-                 image_size: int, resize: int, backend: Backend = "decord", decode_threads: int = 1,
-                 skip_corrupt: bool = False) -> None:
+    def __init__(self, records: list[VideoRecord], clips_per_video: int, spec: ClipSpec, backend: Backend = "decord",
+                 decode_threads: int = 1, skip_corrupt: bool = False) -> None:
         super().__init__(records, backend, decode_threads, skip_corrupt)
         self.clips_per_video = clips_per_video
-        self.num_frames, self.frame_stride = num_frames, frame_stride
-        self.image_size, self.resize = image_size, resize
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.records) * self.clips_per_video
@@ -188,15 +193,16 @@ class EvalClips(_VideoFiles):
         record = self.records[video_index]
         try:
             video = self._open(record)
-            start = uniform_starts(len(video), clip_span(self.num_frames, self.frame_stride), self.clips_per_video)[clip_index]
-            frames = video.frames(clip_indices(start, self.num_frames, self.frame_stride, len(video)))
+            spec = self.spec
+            start = uniform_starts(len(video), spec.span, self.clips_per_video)[clip_index]
+            frames = video.frames(clip_indices(start, spec.num_frames, spec.frame_stride, len(video)))
         except CorruptFileError as error:
             if not self.skip_corrupt:
                 raise
             if clip_index == 0:
                 self._count_skip(error, "left out of the evaluation")
             return None
-        return {"video": eval_clip(frames, self.image_size, self.resize), "label": record.label,
+        return {"video": eval_clip(frames, self.spec.image_size, self.spec.resize), "label": record.label,
                 "path": str(record.path), "video_index": video_index, "clip_index": clip_index}
 
 
@@ -209,8 +215,9 @@ def collate_dropping_skipped(samples: list[dict[str, Any] | None]) -> dict[str, 
 class UCF101DataModule(LightningDataModule):
     """UCF101 clips of split ``split`` (1 to 3); see the module docstring for the layout.
 
-    ``num_frames``, ``frame_stride``, ``image_size`` and ``resize`` shape the evaluation clips
-    and the default training sampler; ``train_sampler`` replaces the latter (pretext tasks).
+    ``num_frames``, ``frame_stride``, ``image_size`` and ``resize`` are the clip geometry
+    (:class:`ClipSpec`) of every clip; ``train_sampler`` builds the training samples (default
+    :class:`ClipSampler`, one random clip; pretext tasks give their own).
     ``backend`` is ``decord`` (seeking, fast) or ``pyav`` (sequential decoding, for files that
     decord mis-seeks); ``decode_threads`` is decord's threads per DataLoader worker.
     """
@@ -241,7 +248,8 @@ class UCF101DataModule(LightningDataModule):
             raise ValueError(f"data.split must be 1, 2 or 3, got {split}")
         self.root = Path(root)
         self.split = split
-        self.train_sampler = train_sampler or ClipSampler(num_frames, frame_stride, image_size, resize)
+        self.train_sampler = train_sampler or ClipSampler()
+        self.clip_spec = ClipSpec(num_frames, frame_stride, image_size, resize)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset] = {}
@@ -303,14 +311,13 @@ class UCF101DataModule(LightningDataModule):
             raise ValueError(f"split {self.split}: {len(leaked)} videos are in both the train and the test list, e.g. {leaked[:3]}")
         hp = self.hparams
         io = {"backend": hp.backend, "decode_threads": hp.decode_threads, "skip_corrupt": hp.skip_corrupt}
-        clip = {"num_frames": hp.num_frames, "frame_stride": hp.frame_stride, "image_size": hp.image_size, "resize": hp.resize}
         self.datasets = {
-            "train": TrainVideos(train, self.train_sampler, **io),
-            "val": EvalClips(test, hp.val_clips, **clip, **io),
-            "test": EvalClips(test, hp.test_clips, **clip, **io),
+            "train": TrainVideos(train, self.train_sampler, self.clip_spec, **io),
+            "val": EvalClips(test, hp.val_clips, self.clip_spec, **io),
+            "test": EvalClips(test, hp.test_clips, self.clip_spec, **io),
         }
         if hp.test_gallery:
-            self.datasets["gallery"] = EvalClips(train, hp.test_clips, **clip, **io)
+            self.datasets["gallery"] = EvalClips(train, hp.test_clips, self.clip_spec, **io)
 
     # ----------------------------------------------------------------------------- loaders
 
