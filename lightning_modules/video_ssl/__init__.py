@@ -1,0 +1,1 @@
+"""Self-supervised video representation methods (UCF101) and their evaluation protocols."""
