@@ -15,7 +15,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
 class CorruptFileError(ValueError):
-    """A file exists but cannot be decoded as an image."""
+    """A file exists but cannot be decoded (an image or a video); the message names the file."""
 
 
 @contextmanager
