@@ -44,14 +44,16 @@ def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_
     assert Path(cli.trainer.default_root_dir) == Path("runs") / cli.datamodule.benchmark / cli.model.method_name / cli.datamodule.run_name
 
 
-# Whether the papers of a benchmark start from ImageNet weights (MVTec: frozen ImageNet
-# backbones; face recognition: trained from scratch).
-PAPERS_USE_PRETRAINED = {"mvtec": True, "ms1m": False}
+# Whether the papers of a benchmark (or of one method of it) start from ImageNet weights (MVTec:
+# frozen ImageNet backbones; face recognition and video from scratch, except SeCo, which starts
+# from MoCo-v2 ImageNet weights).
+PAPERS_USE_PRETRAINED = {"mvtec": True, "ms1m": False, "ucf101": False, "ucf101/seco": True}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_paper_config_uses_the_papers_weights_and_mini_needs_no_network(config):
-    assert yaml.safe_load(config.read_text())["model"]["init_args"]["pretrained"] is PAPERS_USE_PRETRAINED[config.parent.name]
+    expected = PAPERS_USE_PRETRAINED.get(f"{config.parent.name}/{config.stem}", PAPERS_USE_PRETRAINED[config.parent.name])
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["pretrained"] is expected
     assert yaml.safe_load(config.with_name(MINI_PRESET).read_text())["model"]["init_args"]["pretrained"] is False
 
 
