@@ -219,6 +219,12 @@ def r2plus1d_10(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
     return VideoResNet("basic", (1, 1, 1, 1), "2plus1d", in_channels, stem_mid_channels=None, **kwargs)
 
 
+def r2plus1d_test(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
+    """R(2+1)D-10's layout at an eighth of its widths (8 to 64 channels, 64-d), for CPU tests and
+    the mini presets, in the spirit of timm's ``test_resnet``; not a model of any paper."""
+    return VideoResNet("basic", (1, 1, 1, 1), "2plus1d", in_channels, widths=(8, 16, 32, 64), stem_mid_channels=None, **kwargs)
+
+
 def r2plus1d_18(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
     """R(2+1)D-18, basic blocks (2, 2, 2, 2), 512-d (Tran et al., CVPR 2018; torchvision's layout,
     33.2 M parameters: every (2+1)D conv takes M from its own channels, where torchvision reuses a
@@ -253,6 +259,7 @@ def r3d_10(in_channels: int = 2, stem_stride: tuple[int, int, int] = (1, 1, 1), 
 
 VIDEO_BACKBONES: dict[str, Callable[..., VideoResNet]] = {
     "r2plus1d_10": r2plus1d_10,
+    "r2plus1d_test": r2plus1d_test,
     "r2plus1d_18": r2plus1d_18,
     "r2plus1d_26": r2plus1d_26,
     "r3d_10": r3d_10,

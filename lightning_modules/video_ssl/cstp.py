@@ -1,0 +1,166 @@
+"""CSTP: Contrastive Spatio-Temporal Pretext learning (Zhang, Po, Xu, Liu, Wang, Ou, Zhao, Yu,
+"Contrastive Spatio-Temporal Pretext Learning for Self-supervised Video Representation",
+AAAI 2022, arXiv 2112.08913), as the released code trains it (Katou2/CSTP @e28b08db21,
+``main_byol.py``, ``models/pace/r21d_byol.py``; method card §9).
+
+Contrastive learning only asks whether two clips come from one video; CSTP adds a graded
+question, the spatio-temporal overlap rate (STOR) of the two clips, next to BYOL and the
+playback-pace and rotation pretexts. A sample (:class:`datamodules.pretext.cstp.STORClips`) is
+two clips x1, x2 of one video with a shared pace, their spatial- and temporal-overlap labels and
+one rotation label each.
+
+1. The online backbone (R(2+1)D-10, 512-d, ``self.backbone``) embeds both clips: f1, f2.
+2. BYOL: the online projector and predictor (512 → 4096 (BN, ReLU) → 512 each) give p1, p2; the
+   target network, an EMA of the online backbone and projector (m = 0.996, updated after every
+   training step; BatchNorm on batch statistics), gives z1, z2 without gradient;
+   L_BYOL = mean over the batch of (2 − 2·cos(p1, z2)) + (2 − 2·cos(p2, z1)).
+3. The heads (:class:`lightning_modules.nn.stor_heads.STORHeads`) read f1, f2: spatial and
+   temporal overlap from concat(f1, f2), pace and rotation from each clip.
+4. L = w0·L_BYOL + w1·CE_spa + w2·CE_tem + w3·(CE_pace1 + CE_pace2) + w4·(CE_rot1 + CE_rot2),
+   ``loss_weights`` = (0.1, 1, 1, 1, 1) (the README's ``--loss_weight 0.1 1 1 1 1``).
+
+Recipe (README, UCF101): SGD lr 0.03 for 6 GPUs × 60 clips, weight decay 5e-4 on every parameter,
+300 epochs, gradient-norm clip 18 and SyncBN (trainer options in the config). The code's
+schedule is ``CosineAnnealingWarmupRestarts(first_cycle_steps=n_epochs, warmup_steps=0.5·n_epochs,
+max_lr=lr, min_lr=1e-5)`` stepped once an epoch; with one cycle as long as training it never
+restarts (``cycle_mult`` and ``gamma`` never act), so at epoch e (from 0) the lr is
+min_lr + (lr − min_lr)·e/W for e < W = 0.5·n_epochs, then
+min_lr + (lr − min_lr)·(1 + cos(π·(e − W)/(n_epochs − W)))/2. :func:`warmup_cosine` is the same
+curve evaluated at every optimizer step (the fraction of training done instead of the whole epoch
+count), through a ``LambdaLR``. SGD's momentum 0.9 is UNVERIFIED (the code's ``--momentum``
+default was not read). The code's Glorot-uniform initialisation of every layer is not copied: the
+backbone keeps :mod:`lightning_modules.nn.video_resnet`'s and the MLPs PyTorch's defaults.
+
+There is no validation step: the representation is judged by the shared UCF101 protocols
+(linear probe, fine-tuning, retrieval), which load ``backbone.*`` from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor
+
+from lightning_modules.nn.byol import MLP, symmetric_byol_loss
+from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
+from lightning_modules.nn.stor_heads import STORHeads
+from lightning_modules.nn.video_encoder import VideoEncoder
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_fraction: float, min_factor: float) -> float:
+    """LR factor at optimizer step ``step``: linear from ``min_factor`` to 1 over the first
+    ``warmup_fraction`` of training, then a half cosine from 1 down to ``min_factor`` at the end."""
+    warmup = warmup_fraction * total_steps
+    if step < warmup:
+        return min_factor + (1.0 - min_factor) * step / warmup
+    progress = (step - warmup) / max(1.0, total_steps - warmup)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class CSTP(LightningModule):
+    """BYOL plus the STOR, pace and rotation heads (see the module docstring).
+
+    ``backbone``/``pretrained``/``weights``: the :class:`VideoEncoder` (CSTP trains R(2+1)D-10
+    from scratch). ``projection_dim``/``hidden_dim``: BYOL's MLPs. ``target_momentum``: the EMA
+    rate m. ``loss_weights``: (BYOL, spatial, temporal, pace, rotation). ``overlap_classes``: the
+    number of overlap rates of the sampler; ``clip_classes``: outputs of the pace and rotation heads
+    (5 as in the code, one more than their 4 classes; see :mod:`lightning_modules.nn.stor_heads`).
+    ``lr`` (peak), ``momentum``, ``weight_decay``, ``warmup_fraction``, ``min_lr``: SGD and its schedule.
+    """
+
+    method_name = "cstp"
+
+    def __init__(
+        self,
+        backbone: str = "r2plus1d_10",
+        pretrained: bool = False,
+        weights: str | None = None,
+        projection_dim: int = 512,
+        hidden_dim: int = 4096,
+        target_momentum: float = 0.996,
+        loss_weights: tuple[float, float, float, float, float] = (0.1, 1.0, 1.0, 1.0, 1.0),
+        overlap_classes: int = 5,
+        clip_classes: int = 5,
+        lr: float = 0.03,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_fraction: float = 0.5,
+        min_lr: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if len(loss_weights) != 5:
+            raise ValueError(f"loss_weights are (byol, spatial, temporal, pace, rotation), got {loss_weights}")
+        self.backbone = VideoEncoder(backbone, pretrained, weights)
+        features = self.backbone.num_features
+        self.projector = MLP(features, hidden_dim, projection_dim)
+        self.predictor = MLP(projection_dim, hidden_dim, projection_dim)
+        self.target_encoder = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.heads = STORHeads(features, overlap_classes, clip_classes)
+
+    def forward(self, clip: Tensor) -> Tensor:
+        """Backbone features [B, D] of clips [B, 3, T, H, W]."""
+        return self.backbone(clip)
+
+    @torch.no_grad()
+    def target_projection(self, clip: Tensor) -> Tensor:
+        """The target network's projection [B, projection_dim] (BatchNorm on batch statistics)."""
+        momentum_encoder_mode(self.target_encoder)
+        momentum_encoder_mode(self.target_projector)
+        return self.target_projector(self.target_encoder(clip))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x1, x2 = batch["clip1"], batch["clip2"]
+        f1, f2 = self(x1), self(x2)
+        p1, p2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
+        z1, z2 = self.target_projection(x1), self.target_projection(x2)
+        logits = self.heads(f1, f2)
+        targets = {
+            "spatial": batch["spatial_label"], "temporal": batch["temporal_label"],
+            "pace1": batch["pace_label"], "pace2": batch["pace_label"],
+            "rotation1": batch["rotation_label1"], "rotation2": batch["rotation_label2"],
+        }
+        ce = {name: F.cross_entropy(logits[name], target) for name, target in targets.items()}
+        hit = {name: (logits[name].argmax(dim=1) == target).float().mean() for name, target in targets.items()}
+        terms = {
+            "byol": symmetric_byol_loss(p1, p2, z1, z2).mean(),
+            "spatial": ce["spatial"],
+            "temporal": ce["temporal"],
+            "pace": ce["pace1"] + ce["pace2"],
+            "rotation": ce["rotation1"] + ce["rotation2"],
+        }
+        loss = sum(weight * term for weight, term in zip(self.hparams.loss_weights, terms.values(), strict=True))
+        batch_size = len(x1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/loss_{name}": term.detach() for name, term in terms.items()}, batch_size=batch_size)
+        self.log_dict({
+            "train/acc_spatial": hit["spatial"], "train/acc_temporal": hit["temporal"],
+            "train/acc_pace": (hit["pace1"] + hit["pace2"]) / 2, "train/acc_rotation": (hit["rotation1"] + hit["rotation2"]) / 2,
+        }, batch_size=batch_size)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """θ_target ← m·θ_target + (1 − m)·θ_online after every training batch (every optimizer step
+        without gradient accumulation), for the backbone and the projector; the code updates at the
+        start of every forward, which gives the same targets."""
+        momentum_update_(self.target_encoder, self.backbone, self.hparams.target_momentum)
+        momentum_update_(self.target_projector, self.projector, self.hparams.target_momentum)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(parameters, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        schedule = functools.partial(
+            warmup_cosine, total_steps=int(self.trainer.estimated_stepping_batches),
+            warmup_fraction=hp.warmup_fraction, min_factor=hp.min_lr / hp.lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
