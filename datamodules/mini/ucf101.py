@@ -13,7 +13,9 @@ Python's ``sorted()`` breaks twice (HammerThrow/Hammering, JumpRope/JumpingJack)
 in each of the 25 groups (g01..g25); split k tests on groups 7(k−1)+1..7k, as the real lists
 do, which are written with CRLF line endings like the originals. Colours, textures, sizes,
 positions and speeds (about 1 to 1.5 pixels a frame) vary per video. Videos are MPEG-4 Part 2 in AVI (the codec family of the
-original Xvid files), 25 fps, GOP 12 without B-frames, readable by decord and PyAV.
+original Xvid files), 25 fps, GOP 12 without B-frames, readable by decord and PyAV; CMD's
+compressed-domain copy ``UCF-101-mpeg4/`` is made from them by the same re-encoding a user runs
+on the real set (:func:`~datamodules.formats.compressed_video.reencode_tree`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+
+from datamodules.formats.compressed_video import reencode_tree
 
 CLASSES = {  # name in classInd order: (shape, direction (dx, dy))
     "Hammering": ("square", (1, 0)),
@@ -110,6 +114,9 @@ def write_ucf101(out: Path, seed: int = 0, num_frames: int = 40) -> Path:
     for cls, (shape, direction) in CLASSES.items():
         for group in range(1, GROUPS + 1):
             write_avi(out / "UCF-101" / video_name(cls, group), _frames(rng, shape, direction, num_frames))
+    failed = reencode_tree(out / "UCF-101", out / "UCF-101-mpeg4")
+    if failed:
+        raise RuntimeError(f"re-encoding the mini videos failed: {failed}")
     lists = out / "ucfTrainTestlist"
     lists.mkdir(parents=True, exist_ok=True)
     crlf = lambda lines: "".join(f"{line}\r\n" for line in lines)  # noqa: E731
