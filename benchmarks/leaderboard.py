@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -43,6 +44,11 @@ def run_label(result: dict[str, Any]) -> str:
     return str(dataset.get("category") or dataset.get("name") or Path(result["path"]).parent.name)
 
 
+def _metric_order(name: str) -> list[str | int]:
+    """Sort key putting numbers in numeric order: R@5 before R@10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}" if abs(value) <= 1.0 else f"{value:.4g}"
 
@@ -55,7 +61,8 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
     tables = {}
     for benchmark, entries in sorted(by_benchmark.items()):
         papers = paper.get(benchmark, {})
-        names = sorted({name for e in entries for name in e["metrics"]} | {n for p in papers.values() for n in p["metrics"]})
+        names = sorted({name for e in entries for name in e["metrics"]} | {n for p in papers.values() for n in p["metrics"]},
+                       key=_metric_order)
         rows = []
         by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for entry in entries:

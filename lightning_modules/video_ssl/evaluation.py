@@ -1,0 +1,327 @@
+"""UCF101 evaluation of self-supervised video representations (benchmarks.md §4.2; method cards
+§0 "UCF101 / HMDB51"): linear probe, fine-tuning and clip retrieval of a pretrained backbone.
+
+Every video pretraining method keeps its clip encoder as ``self.backbone`` (a
+:class:`~lightning_modules.nn.video_encoder.VideoEncoder`), so :func:`load_backbone` takes the
+``backbone.*`` weights of any pretraining run's Lightning checkpoint
+(``--model.init_args.pretrained_checkpoint runs/ucf101/<method>/split1/checkpoints/last.ckpt``).
+The backbone name must be the one the pretraining used.
+
+- :class:`VideoClassifier` with ``freeze_backbone=True``, the **linear probe**: the backbone is
+  frozen and kept in eval mode (BatchNorm uses its running statistics), one linear layer is
+  trained on its pooled last-layer feature. With ``freeze_backbone=False``, **fine-tuning**
+  (CMD's recipe, method card §8 (5) [CODE*]: dropout 0.3, SGD Nesterov, linear warm-up,
+  cosine decay). Validation reports clip-level top-1 (``val/clip_top1``); test reports
+  clip-level (``test/clip_top1``) and video-level top-1 (``test/video_top1``: the softmax
+  averaged over the ``data.test_clips`` uniformly spaced centre-cropped clips of each video,
+  VCOP/CMD).
+- :class:`ClipRetrieval`: no training, ``visionzoo test`` only. Split-1 test videos query
+  split-1 train videos (VCOP ``retrieve_clips.py``).
+
+Under DDP each rank sees a share of the evaluation clips, padded with repeats by the
+``DistributedSampler``; :class:`ClipOutputs` gathers the per-clip outputs of every rank and
+keeps one row per (video, clip), so the metrics equal the single-process ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.fabric.utilities.cloud_io import _load as load_checkpoint
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from benchmarks.metrics.video import RETRIEVAL_KS, clip_top1, retrieval_recall_at_k, video_features, video_top1
+from lightning_modules.distributed.comm import world_info
+from lightning_modules.nn.video_encoder import VideoEncoder
+
+BACKBONE_PREFIX = "backbone."
+
+
+def load_backbone(encoder: VideoEncoder, checkpoint: str) -> None:
+    """Load the ``backbone.*`` weights of the Lightning checkpoint ``checkpoint`` (its
+    ``state_dict``; a bare state dict is read as is) into ``encoder``, strictly: every key and
+    shape must match, otherwise the error names the checkpoint and lists what differs."""
+    # A full Lightning checkpoint (loop and callback states too) of the user's own pretraining run.
+    content = load_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    state = content.get("state_dict", content) if isinstance(content, dict) else {}
+    weights = {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    if not weights:
+        names = ", ".join(list(state)[:5]) or "none"
+        raise ValueError(
+            f"{checkpoint}: no '{BACKBONE_PREFIX}*' weights (first keys: {names}); expected the checkpoint of a "
+            "visionzoo video pretraining run, whose clip encoder is `self.backbone`"
+        )
+    expected = encoder.state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    mismatched = sorted(
+        f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected.keys() & weights.keys()
+        if weights[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", mismatched))
+            if keys
+        ]
+        raise ValueError(
+            f"{checkpoint}: its '{BACKBONE_PREFIX}*' weights do not fit backbone '{encoder.name}'; "
+            f"{'; '.join(problems)}. Is --model.init_args.backbone the backbone the pretraining used?"
+        )
+    encoder.load_state_dict(weights)
+
+
+# --------------------------------------------------------------------------- distributed outputs
+
+CLIP_KEYS = ("video_index", "clip_index", "label")
+
+
+class ClipOutputs:
+    """Per-clip outputs of one evaluation pass (2-D tensors named by ``widths``, e.g.
+    ``logits=101``, plus the batch's ``video_index``, ``clip_index`` and ``label``)."""
+
+    def __init__(self, **widths: int) -> None:
+        self.widths = widths
+        self.parts: list[dict[str, Tensor]] = []
+
+    def append(self, batch: dict[str, Any], **values: Tensor) -> None:
+        self.parts.append({**{k: batch[k] for k in CLIP_KEYS}, **{k: v.detach().float() for k, v in values.items()}})
+
+    def _local(self, device: torch.device) -> dict[str, Tensor]:
+        if self.parts:
+            return {k: torch.cat([p[k] for p in self.parts]).to(device) for k in self.parts[0]}
+        # A rank whose every batch was skipped (corrupt videos) still takes part in the gather.
+        empty = {k: torch.zeros(0, dtype=torch.long, device=device) for k in CLIP_KEYS}
+        return {**empty, **{k: torch.zeros(0, w, device=device) for k, w in self.widths.items()}}
+
+    def gather(self, device: torch.device) -> dict[str, Tensor]:
+        """The outputs of every rank, one row per (video, clip), sorted by (video, clip)."""
+        local = self._local(device)
+        if world_info()[1] > 1:
+            local = {k: torch.cat(gather_all_tensors(v)) for k, v in local.items()}
+        return unique_clips(local)
+
+
+def unique_clips(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``outputs`` with one row per (``video_index``, ``clip_index``) pair, sorted by it: the
+    ``DistributedSampler`` pads the ranks' shares with repeated clips, which must count once."""
+    video, clip = outputs["video_index"], outputs["clip_index"]
+    if not len(video):
+        return outputs
+    key = video * (int(clip.max()) + 1) + clip
+    unique, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((len(unique),), len(key), dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(key), device=key.device), reduce="amin")
+    return {k: v[first] for k, v in outputs.items()}
+
+
+def _video_labels(outputs: dict[str, Tensor], video_ids: Tensor) -> Tensor:
+    """The label of each video of ``video_ids`` (sorted), from clip outputs sorted by video."""
+    return outputs["label"][torch.searchsorted(outputs["video_index"], video_ids)]
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float, end_factor: float) -> float:
+    """LR factor per optimizer step: linear from ``start_factor`` to 1 over ``warmup_steps``, then
+    a cosine from 1 down to ``end_factor`` at ``total_steps``."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class VideoClassifier(LightningModule):
+    """Linear probe (``freeze_backbone=True``) or fine-tuning of a pretrained clip encoder on
+    UCF101 (module docstring).
+
+    Head: dropout, then one linear layer on the backbone's pooled feature; with
+    ``feature_batchnorm`` the feature first goes through a BatchNorm without affine parameters
+    (the linear probe of MAE, He et al., CVPR 2022: once its statistics are fixed it is a linear
+    map that the classifier absorbs, and it makes the learning rate independent of the scale of
+    the pretrained features, which differs from method to method). Optimiser: SGD
+    (``nesterov`` optional) with weight decay on every trained parameter; the learning rate
+    rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_epochs`` and then follows a cosine
+    down to ``min_lr`` at the end of training (per step). The defaults are CMD's fine-tuning
+    recipe (method card §8 (5) [CODE*], read in a copy of the code): dropout 0.3, lr 1e-4 ×
+    batch 8 = 8e-4, Nesterov momentum 0.9, weight decay 3e-3, 10 warm-up epochs from 4e-6 × 8,
+    cosine to 1e-6, 120 epochs (trainer). CMD's ±10° rotation augmentation is not applied
+    (the DataModule's default sampler: random crop of area 0.2-1 and flip).
+
+    ``pretrained``/``weights`` start a timm 2-D backbone from its ImageNet weights;
+    ``pretrained_checkpoint`` loads ``backbone.*`` from a pretraining run (:func:`load_backbone`).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "r2plus1d_10",
+        pretrained: bool = False,
+        weights: str | None = None,
+        pretrained_checkpoint: str | None = None,
+        freeze_backbone: bool = False,
+        feature_batchnorm: bool = False,
+        dropout: float = 0.3,
+        lr: float = 8e-4,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 3e-3,
+        warmup_epochs: float = 10.0,
+        warmup_lr: float = 3.2e-5,
+        min_lr: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.method_name = "linear_probe" if freeze_backbone else "finetune"
+        self.backbone = VideoEncoder(backbone, pretrained, weights)
+        if pretrained_checkpoint is not None:
+            load_backbone(self.backbone, pretrained_checkpoint)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False).eval()
+        width = self.backbone.num_features
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(width, affine=False) if feature_batchnorm else nn.Identity(),
+            nn.Dropout(dropout),
+            nn.Linear(width, num_classes),
+        )
+
+    def train(self, mode: bool = True) -> VideoClassifier:
+        """The linear probe keeps the frozen backbone in eval mode (from ``__init__`` on, as
+        Lightning restores the modes it finds): BatchNorm uses its running statistics and never
+        updates them."""
+        super().train(mode)
+        if self.hparams.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, video: Tensor) -> Tensor:
+        """Class logits [B, num_classes] of clips [B, 3, T, H, W]."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
+            features = self.backbone(video)
+        return self.head(features)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self(batch["video"])
+        loss = F.cross_entropy(logits, batch["label"])
+        batch_size = len(batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/clip_top1", (logits.argmax(1) == batch["label"]).float().mean(), batch_size=batch_size)
+        return loss
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = ClipOutputs(logits=self.hparams.num_classes)
+
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is not None:  # every video of the batch was corrupt and skipped
+            self._outputs.append(batch, logits=self(batch["video"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            outputs = self._outputs.gather(self.device)
+            self.log("val/clip_top1", clip_top1(outputs["logits"], outputs["label"]), sync_dist=False)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict | None, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        outputs = self._outputs.gather(self.device)
+        logits, labels = outputs["logits"], outputs["label"]
+        self.log_dict({"test/clip_top1": clip_top1(logits, labels),
+                       "test/video_top1": video_top1(logits, labels, outputs["video_index"])}, sync_dist=False)
+
+    # ----------------------------------------------------------------------------- optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        trained = [p for p in self.parameters() if p.requires_grad]  # the linear layer only when frozen
+        optimizer = torch.optim.SGD(trained, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                    weight_decay=hp.weight_decay)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        schedule = functools.partial(
+            warmup_cosine, warmup_steps=int(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps,
+            start_factor=hp.warmup_lr / hp.lr, end_factor=hp.min_lr / hp.lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# --------------------------------------------------------------------------- retrieval
+
+GALLERY, QUERIES = 0, 1  # test dataloaders of UCF101DataModule(test_gallery=True)
+
+
+class ClipRetrieval(LightningModule):
+    """Video retrieval R@k of a pretrained backbone, without training (``visionzoo test`` only;
+    the DataModule needs ``test_gallery: true``).
+
+    Protocol variant (benchmarks.md §4.2, written into ``results.json`` through the config):
+    queries are the split's **test** videos, the gallery its **train** videos; a video's feature
+    is the mean of the **pooled last-layer backbone features** (CoCLR's feature layer, not VCOP's
+    max-pooled conv5) of its ``data.test_clips`` uniformly spaced centre-cropped clips (VCOP: 10);
+    with ``center`` (CoCLR) each set's own mean feature is subtracted, then features are
+    L2-normalised and ranked by cosine similarity (``center=False``: VCOP's cosine distance).
+    R@k is hit@k: the fraction of queries with a video of their class among the top k, logged as
+    ``test/R@<k>``. No video is dropped (VCOP's ``drop_last`` is not replicated).
+    """
+
+    method_name = "retrieval"
+
+    def __init__(
+        self,
+        backbone: str = "r2plus1d_10",
+        pretrained: bool = False,
+        weights: str | None = None,
+        pretrained_checkpoint: str | None = None,
+        center: bool = True,
+        ks: tuple[int, ...] = RETRIEVAL_KS,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = VideoEncoder(backbone, pretrained, weights)
+        if pretrained_checkpoint is not None:
+            load_backbone(self.backbone, pretrained_checkpoint)
+
+    def forward(self, video: Tensor) -> Tensor:
+        """Pooled backbone features [B, D] of clips [B, 3, T, H, W]."""
+        return self.backbone(video)
+
+    def on_test_start(self) -> None:
+        loaders = self.trainer.test_dataloaders  # as the DataModule returns them: one loader or a list
+        if not isinstance(loaders, (list, tuple)) or len(loaders) != 2:
+            raise ValueError("clip retrieval needs the train list as gallery: set data.init_args.test_gallery true")
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = {i: ClipOutputs(features=self.backbone.num_features) for i in (GALLERY, QUERIES)}
+
+    def test_step(self, batch: dict | None, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch is not None:  # every video of the batch was corrupt and skipped
+            self._outputs[dataloader_idx].append(batch, features=self(batch["video"]))
+
+    def on_test_epoch_end(self) -> None:
+        videos = {}
+        for which in (GALLERY, QUERIES):
+            outputs = self._outputs[which].gather(self.device)
+            ids, features = video_features(outputs["features"], outputs["video_index"])
+            videos[which] = (features, _video_labels(outputs, ids))
+        recall = retrieval_recall_at_k(*videos[QUERIES], *videos[GALLERY], ks=self.hparams.ks, center=self.hparams.center)
+        rank_zero_info(f"retrieval: {len(videos[QUERIES][0])} query videos, {len(videos[GALLERY][0])} gallery videos, "
+                       f"center={self.hparams.center}")
+        self.log_dict({f"test/R@{k}": value for k, value in recall.items()}, sync_dist=False)
