@@ -48,18 +48,9 @@ from lightning import LightningModule
 from torch import Tensor
 
 from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys, zero_init_residual_
+from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 from lightning_modules.nn.video_resnet import cmd_tokens, create_video_backbone
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float) -> float:
-    """LR factor before optimizer step ``step`` (0-based): linear from ``start_factor`` to 1 over
-    ``warmup_steps`` (reaching 1 at the last warm-up step, as the code's per-step ratio), then
-    0.5·(1 + cos(π·progress)) down to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return start_factor + (1.0 - start_factor) * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class CMD(LightningModule):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Any
 
 import torch
@@ -50,17 +49,8 @@ from torch import Tensor
 from lightning_modules.nn.byol import MLP, symmetric_byol_loss
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
 from lightning_modules.nn.stor_heads import STORHeads
+from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_fraction: float, min_factor: float) -> float:
-    """LR factor at optimizer step ``step``: linear from ``min_factor`` to 1 over the first
-    ``warmup_fraction`` of training, then a half cosine from 1 down to ``min_factor`` at the end."""
-    warmup = warmup_fraction * total_steps
-    if step < warmup:
-        return min_factor + (1.0 - min_factor) * step / warmup
-    progress = (step - warmup) / max(1.0, total_steps - warmup)
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class CSTP(LightningModule):
@@ -158,9 +148,10 @@ class CSTP(LightningModule):
         hp = self.hparams
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(parameters, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total_steps = int(self.trainer.estimated_stepping_batches)
         schedule = functools.partial(
-            warmup_cosine, total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_fraction=hp.warmup_fraction, min_factor=hp.min_lr / hp.lr,
+            warmup_cosine, warmup_steps=hp.warmup_fraction * total_steps, total_steps=total_steps,
+            start_factor=hp.min_lr / hp.lr, end_factor=hp.min_lr / hp.lr,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -26,7 +26,6 @@ keeps one row per (video, clip), so the metrics equal the single-process ones.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from benchmarks.metrics.video import RETRIEVAL_KS, clip_top1, retrieval_recall_at_k, video_features, video_top1
 from lightning_modules.distributed.comm import world_info
+from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 
 BACKBONE_PREFIX = "backbone."
@@ -129,15 +129,6 @@ def _video_labels(outputs: dict[str, Tensor], video_ids: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- schedule
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float, end_factor: float) -> float:
-    """LR factor per optimizer step: linear from ``start_factor`` to 1 over ``warmup_steps``, then
-    a cosine from 1 down to ``end_factor`` at ``total_steps``."""
-    if step < warmup_steps:
-        return start_factor + (1.0 - start_factor) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # --------------------------------------------------------------------------- classification

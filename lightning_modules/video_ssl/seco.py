@@ -54,7 +54,7 @@ authors' code (card [CODE]); the paper's absolute numbers (UCF101 ≈ 88.3 fine-
 from __future__ import annotations
 
 import copy
-import math
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ from lightning_modules.nn.contrastive import (
     FeatureQueue, ProjectionHead, info_nce_logits, info_nce_loss, positive_top1, two_way_logits,
 )
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
+from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 
 HEADS = ("fc_inter", "fc_intra", "fc_order")
@@ -266,7 +267,8 @@ class SeCo(LightningModule):
         optimizer = torch.optim.SGD(parameters, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
-        schedule = warmup_cosine(lr, warmup_steps, total_steps, hp.warmup_start_factor, hp.min_lr)
+        schedule = functools.partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps,
+                                     start_factor=hp.warmup_start_factor, end_factor=hp.min_lr / lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -283,17 +285,3 @@ class SeCo(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "seco_shared_generator" in checkpoint:
             self._shared_generator.set_state(checkpoint["seco_shared_generator"])
-
-
-def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, start_factor: float, min_lr: float):
-    """LR factor per optimizer step, the authors' GradualWarmupScheduler + CosineAnnealingLR:
-    linear from ``start_factor``·lr to lr over ``warmup_steps``, then cosine from lr to
-    ``min_lr`` over the remaining steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return start_factor + (1.0 - start_factor) * step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return (min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
-
-    return factor

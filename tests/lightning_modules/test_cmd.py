@@ -22,7 +22,8 @@ from datamodules.ucf101 import ClipSpec, UCF101DataModule
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.cmd import GridEmbedding, gathered_info_nce, motion_keys
 from lightning_modules.nn.video_resnet import cmd_tokens
-from lightning_modules.video_ssl.cmd import CMD, warmup_cosine
+from lightning_modules.nn.schedules import warmup_cosine
+from lightning_modules.video_ssl.cmd import CMD
 
 from conftest import CONFIGS
 from runner import free_port, metrics
@@ -176,8 +177,8 @@ def test_mv_clip_shares_the_rgb_crop_box_and_flip_and_is_clamped_without_sign_ch
 
 
 def test_warmup_from_one_percent_then_cosine_to_zero():
-    assert warmup_cosine(0, 10, 100, 0.01) == pytest.approx(0.01 + 0.099)
-    assert warmup_cosine(9, 10, 100, 0.01) == pytest.approx(1.0)
+    assert warmup_cosine(0, 10, 100, 0.01) == pytest.approx(0.01)
+    assert warmup_cosine(9, 10, 100, 0.01) == pytest.approx(0.01 + 0.99 * 0.9)
     assert warmup_cosine(10, 10, 100, 0.01) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.01) == pytest.approx(0.5)
     assert warmup_cosine(100, 10, 100, 0.01) == pytest.approx(0.0)
@@ -225,5 +226,5 @@ def test_cmd_config_trains_a_few_steps_on_the_mini_set(mini_ucf101, tmp_path, mo
         values = [float(r[name]) for r in rows if r.get(name)]
         assert len(values) == 3 and np.isfinite(values).all(), (name, values)
     first_lr = next(float(r["train/lr"]) for r in rows if r.get("train/lr"))
-    assert first_lr == pytest.approx(5e-4 * 2 * (0.01 + 0.99), rel=1e-6)  # one warm-up step
+    assert first_lr == pytest.approx(5e-4 * 2 * 0.01, rel=1e-6)  # the warm-up starts at 1 %
     assert Path(cli.trainer.default_root_dir) == Path("runs/ucf101/cmd/split1")

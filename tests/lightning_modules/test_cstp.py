@@ -24,7 +24,8 @@ from datamodules.ucf101 import ClipSpec, VideoRecord
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.byol import symmetric_byol_loss
 from lightning_modules.nn.stor_heads import STORHeads
-from lightning_modules.video_ssl.cstp import CSTP, warmup_cosine
+from lightning_modules.nn.schedules import warmup_cosine
+from lightning_modules.video_ssl.cstp import CSTP
 
 from conftest import CONFIGS
 from runner import metrics
@@ -205,7 +206,8 @@ def _code_scheduler_lr(epoch: int, n_epochs: int, max_lr: float, min_lr: float) 
 def test_schedule_is_the_codes_one_cycle_warmup_cosine_at_epoch_boundaries():
     n_epochs, steps_per_epoch, lr, min_lr = 300, 7, 0.03, 1e-5
     for epoch in [0, 1, 75, 149, 150, 151, 225, 299]:
-        factor = warmup_cosine(epoch * steps_per_epoch, n_epochs * steps_per_epoch, 0.5, min_lr / lr)
+        total = n_epochs * steps_per_epoch
+        factor = warmup_cosine(epoch * steps_per_epoch, 0.5 * total, total, min_lr / lr, min_lr / lr)
         assert lr * factor == pytest.approx(_code_scheduler_lr(epoch, n_epochs, lr, min_lr), rel=1e-9)
 
 
