@@ -128,9 +128,6 @@ def _video_labels(outputs: dict[str, Tensor], video_ids: Tensor) -> Tensor:
     return outputs["label"][torch.searchsorted(outputs["video_index"], video_ids)]
 
 
-# --------------------------------------------------------------------------- schedule
-
-
 # --------------------------------------------------------------------------- classification
 
 
