@@ -30,9 +30,9 @@ tokens and 1×4×4 targets, and the learned positions are resized to them
 
 Recipe ([CODE*], from a public copy of the authors' code, TonyAlbertWan/CPaR ``pretrain.py`` and
 ``cfg/ucf_config.py``; not checked against the paper): SGD with Nesterov momentum 0.9, weight
-decay 1e-3 on every parameter, lr = ``lr_per_sample`` (5e-4) × world size × per-GPU batch,
-5 warm-up epochs rising linearly per step from 1 % of it, then a cosine to 0 (the code's cosine
-steps once per epoch; here per step), 200 epochs, gradient-norm clipping at 15 and SyncBN (trainer
+decay 1e-3 on every parameter, lr = ``lr_per_sample`` (5e-4) × global batch (GPUs × per-GPU
+batch; here also × gradient accumulation), 5 warm-up epochs rising linearly per step from 1 % of
+it, then a cosine to 0 (the code's cosine steps once per epoch; here per step), 200 epochs, gradient-norm clipping at 15 and SyncBN (trainer
 options in the config). All backbones start with their residual branches' last BN at zero, as
 the code's ResNets (``zero_init_residual=True``).
 """
@@ -47,6 +47,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
+from lightning_modules.batch_size import global_batch_size
 from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys, zero_init_residual_
 from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
@@ -149,19 +150,13 @@ class CMD(LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
-    def base_lr(self) -> float:
-        """``lr_per_sample`` × world size × per-device batch (the code's linear rule)."""
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("CMD's learning rate scales with the DataModule's batch_size, which it does not have")
-        return self.hparams.lr_per_sample * self.trainer.world_size * batch_size
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=self.base_lr(), momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-        )
         total_steps = int(self.trainer.estimated_stepping_batches)
+        lr = hp.lr_per_sample * global_batch_size(self.trainer)  # the code's linear rule
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+        )
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = max(1, int(hp.warmup_epochs * steps_per_epoch)) if hp.warmup_epochs > 0 else 0
         schedule = functools.partial(

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from benchmarks.metrics.video import RETRIEVAL_KS, clip_top1, retrieval_recall_at_k, video_features, video_top1
+from lightning_modules.batch_size import global_batch_size
 from lightning_modules.distributed.comm import world_info
 from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
@@ -142,10 +143,14 @@ class VideoClassifier(LightningModule):
     the pretrained features, which differs from method to method). Optimiser: SGD
     (``nesterov`` optional) with weight decay on every trained parameter; the learning rate
     rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_epochs`` and then follows a cosine
-    down to ``min_lr`` at the end of training (per step). The defaults are CMD's fine-tuning
-    recipe (method card §8 (5) [CODE*], read in a copy of the code): dropout 0.3, lr 1e-4 ×
-    batch 8 = 8e-4, Nesterov momentum 0.9, weight decay 3e-3, 10 warm-up epochs from 4e-6 × 8,
-    cosine to 1e-6, 120 epochs (trainer). CMD's ±10° rotation augmentation is not applied
+    down to ``min_lr`` at the end of training (per step). The three rates are for a global batch
+    of ``lr_batch_size`` clips and scale linearly with the run's global batch (devices × batch ×
+    accumulation; ``None``: used as given): a linear layer on standardised D-dimensional features
+    moves a clip's logits by about lr·D/batch per step, so the probe's lr 0.1 for batch 64 would
+    diverge at the mini preset's batch 8 unscaled. The defaults are CMD's fine-tuning recipe
+    (method card §8 (5) [CODE*], read in a copy of the code, which scales the same way): dropout
+    0.3, lr 1e-4 × batch 8 = 8e-4, Nesterov momentum 0.9, weight decay 3e-3, 10 warm-up epochs
+    from 4e-6 × 8, cosine to 1e-6 (scaled here too), 120 epochs (trainer). CMD's ±10° rotation augmentation is not applied
     (the DataModule's default sampler: random crop of area 0.2-1 and flip).
 
     ``pretrained``/``weights`` start a timm 2-D backbone from its ImageNet weights;
@@ -163,6 +168,7 @@ class VideoClassifier(LightningModule):
         feature_batchnorm: bool = False,
         dropout: float = 0.3,
         lr: float = 8e-4,
+        lr_batch_size: int | None = 8,
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 3e-3,
@@ -238,10 +244,15 @@ class VideoClassifier(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        trained = [p for p in self.parameters() if p.requires_grad]  # the linear layer only when frozen
-        optimizer = torch.optim.SGD(trained, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                    weight_decay=hp.weight_decay)
         total_steps = int(self.trainer.estimated_stepping_batches)
+        lr = hp.lr
+        if hp.lr_batch_size is not None:
+            global_batch = global_batch_size(self.trainer)
+            lr = hp.lr * global_batch / hp.lr_batch_size
+            rank_zero_info(f"{self.method_name}: lr {lr:g} = {hp.lr:g} x global batch {global_batch} / {hp.lr_batch_size}")
+        trained = [p for p in self.parameters() if p.requires_grad]  # the linear layer only when frozen
+        optimizer = torch.optim.SGD(trained, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                    weight_decay=hp.weight_decay)
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         schedule = functools.partial(
             warmup_cosine, warmup_steps=int(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps,

@@ -65,6 +65,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_modules.batch_size import global_batch_size
 from lightning_modules.distributed.comm import all_gather
 from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
 from lightning_modules.nn.contrastive import (
@@ -248,19 +249,10 @@ class SeCo(LightningModule):
 
     # ----------------------------------------------------------------------------- optimisation
 
-    def global_batch_size(self) -> int:
-        """Samples per optimizer step over all ranks (per-device batch × world × accumulation)."""
-        trainer = self.trainer
-        loader = trainer.train_dataloader
-        per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
-        if not per_device:
-            raise ValueError("SeCo scales its lr with the batch size, but the training loader has no batch_size")
-        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        total_steps = int(self.trainer.estimated_stepping_batches)  # also sets up the train loader
-        global_batch = self.global_batch_size()
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        global_batch = global_batch_size(self.trainer)
         lr = hp.base_lr * global_batch / 256
         rank_zero_info(f"SeCo: lr {lr:g} = {hp.base_lr:g} x global batch {global_batch} / 256")
         parameters = [p for p in self.parameters() if p.requires_grad]

@@ -45,9 +45,10 @@ class _Clips(Dataset):
         return {"video": self.video[i], "label": self.label[i]}
 
 
-def _fit_a_few_steps(model: VideoClassifier, steps: int = 3) -> None:
+def _fit_a_few_steps(model: VideoClassifier, steps: int = 3, accumulate_grad_batches: int = 1) -> None:
     trainer = lightning.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+                                enable_progress_bar=False, enable_model_summary=False,
+                                accumulate_grad_batches=accumulate_grad_batches)
     trainer.fit(model, train_dataloaders=DataLoader(_Clips(), batch_size=4))
 
 
@@ -85,6 +86,14 @@ def test_finetuning_trains_the_backbone():
     assert "network.stem.0.weight" in changed and "network.stem.1.running_mean" in changed
     model.train()
     assert all(m.training for m in model.backbone.modules())
+
+
+@pytest.mark.parametrize("lr_batch_size, expected", [(64, 0.1 * 8 / 64), (None, 0.1)])
+def test_learning_rate_scales_linearly_with_the_global_batch(lr_batch_size, expected):
+    """Batches of 4 accumulated twice: a global batch of 8."""
+    model = VideoClassifier(num_classes=3, freeze_backbone=True, lr=0.1, lr_batch_size=lr_batch_size, warmup_epochs=0)
+    _fit_a_few_steps(model, steps=1, accumulate_grad_batches=2)
+    assert model.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(expected)
 
 
 def _pretraining_checkpoint(path: Path, encoder: VideoEncoder, **extra: torch.Tensor) -> str:

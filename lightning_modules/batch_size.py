@@ -1,0 +1,22 @@
+"""The global batch size of a training run, for the linear learning-rate scaling rules of the
+recipes (Goyal et al., "Accurate, Large Minibatch SGD", 2017: lr proportional to the batch)."""
+
+from __future__ import annotations
+
+from lightning import Trainer
+
+
+def global_batch_size(trainer: Trainer) -> int:
+    """Samples per optimizer step over all ranks: per-device batch × devices × nodes × gradient
+    accumulation. The per-device batch is the training loader's, else the DataModule's
+    ``batch_size``. Call it from ``configure_optimizers`` or later."""
+    if trainer.train_dataloader is None:  # as Trainer.estimated_stepping_batches loads it, which skips it when max_epochs is -1
+        trainer.fit_loop.setup_data()
+    loader = trainer.train_dataloader
+    per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
+    if not per_device:
+        raise ValueError(
+            "the learning rate scales with the global batch size, but neither the training loader nor the "
+            "DataModule has a batch_size"
+        )
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
