@@ -12,6 +12,7 @@ with the ImageNet mean and std (:func:`to_model_input`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,26 +88,34 @@ def coin(p: float, generator: torch.Generator) -> bool:
     return float(torch.rand((), generator=generator)) < p
 
 
-def color_augment(
-    clip: Tensor, generator: torch.Generator, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-    p_jitter: float = 0.8, p_gray: float = 0.2, p_blur: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
-) -> Tensor:
-    """MoCo-v2's colour augmentation (ColorJitter(brightness, contrast, saturation, hue) with
-    probability ``p_jitter``, grayscale, Gaussian blur), one draw for the whole clip."""
-    if coin(p_jitter, generator):
-        brightness, contrast, saturation, hue = jitter
-        factor = lambda strength: float(torch.empty(()).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator))  # noqa: E731
-        clip = TF.adjust_brightness(clip, factor(brightness))
-        clip = TF.adjust_contrast(clip, factor(contrast))
-        clip = TF.adjust_saturation(clip, factor(saturation))
-        clip = TF.adjust_hue(clip, float(torch.empty(()).uniform_(-hue, hue, generator=generator)))
-    if coin(p_gray, generator):
-        clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
-    if coin(p_blur, generator):
-        sigma = float(torch.empty(()).uniform_(*blur_sigma, generator=generator))
-        kernel = 2 * math.ceil(2 * sigma) + 1
-        clip = TF.gaussian_blur(clip, [kernel, kernel], [sigma, sigma])
-    return clip
+@dataclass(frozen=True)
+class ColorAugment:
+    """MoCo-v2's colour augmentation, one draw for the whole clip: ColorJitter(brightness,
+    contrast, saturation, hue) = ``jitter`` with probability ``p_jitter``, grayscale with
+    ``p_gray``, Gaussian blur of σ in ``blur_sigma`` with ``p_blur`` (defaults: MoCo v2)."""
+
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    p_jitter: float = 0.8
+    p_gray: float = 0.2
+    p_blur: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __call__(self, clip: Tensor, generator: torch.Generator) -> Tensor:
+        """uint8 frames [T, 3, H, W], augmented."""
+        if coin(self.p_jitter, generator):
+            brightness, contrast, saturation, hue = self.jitter
+            factor = lambda strength: float(torch.empty(()).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator))  # noqa: E731
+            clip = TF.adjust_brightness(clip, factor(brightness))
+            clip = TF.adjust_contrast(clip, factor(contrast))
+            clip = TF.adjust_saturation(clip, factor(saturation))
+            clip = TF.adjust_hue(clip, float(torch.empty(()).uniform_(-hue, hue, generator=generator)))
+        if coin(self.p_gray, generator):
+            clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+        if coin(self.p_blur, generator):
+            sigma = float(torch.empty(()).uniform_(*self.blur_sigma, generator=generator))
+            kernel = 2 * math.ceil(2 * sigma) + 1
+            clip = TF.gaussian_blur(clip, [kernel, kernel], [sigma, sigma])
+        return clip
 
 
 def to_model_input(clip: Tensor) -> Tensor:

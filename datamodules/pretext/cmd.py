@@ -37,12 +37,12 @@ that ``skip_corrupt`` replaces it (no UCF101 video is that short at the default 
 GaussianBlur p 0.5, ColorJitter p 0.5, RandomGray p 0.2):
 
 - RGB clip: short side resized to ``resize``, a random crop of area 0.2–1 and aspect 3/4–4/3
-  resized to ``image_size``, a flip with p 0.5, :func:`~datamodules.clips.color_augment` with
+  resized to ``image_size``, a flip with p 0.5, :class:`~datamodules.clips.ColorAugment` with
   jitter (0.4, 0.4, 0.4, 0.1) p 0.5, grayscale p 0.2, blur σ ∈ [0.1, 2] p 0.5, one draw per clip.
   The code crops its training frames at their original size (its 128-pixel rescale is for
   validation only); the crop is drawn as an area fraction, so resizing first selects the same
   regions. The code blurs before the colour jitter and shuffles the four jitter operations;
-  :func:`color_augment` jitters in a fixed order, then blurs.
+  :class:`ColorAugment` jitters in a fixed order, then blurs.
 - Positive MV clip: the **same** resize, crop box and flip as the RGB clip (:func:`motion_view`),
   resampled bilinearly without changing the values (the code's ``cv2.resize``), the flip mirroring
   the map without negating x (:func:`~datamodules.formats.compressed_video.flip_motion_vectors`),
@@ -78,7 +78,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from datamodules.clips import (
-    as_clip, clip_indices, coin, color_augment, crop_resize, random_resized_crop_box, resize_short_side, to_model_input,
+    ColorAugment, as_clip, clip_indices, coin, crop_resize, random_resized_crop_box, resize_short_side, to_model_input,
 )
 from datamodules.formats.compressed_video import CompressedVideo, flip_motion_vectors, mv_preprocess
 from datamodules.formats.images import CorruptFileError
@@ -168,11 +168,7 @@ class ContextMotionClips(ClipSampler):
         shared_negative_crop: bool = False,
         swap_iframe_channels: bool = True,
         crop_scale: tuple[float, float] = (0.2, 1.0),
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        p_jitter: float = 0.5,
-        p_gray: float = 0.2,
-        p_blur: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        color: ColorAugment = ColorAugment(p_jitter=0.5),
     ) -> None:
         super().__init__(tuple(crop_scale))
         if future_frames < 1 or num_negatives < 0 or future_interval < 0 or negative_interval < 0:
@@ -187,11 +183,7 @@ class ContextMotionClips(ClipSampler):
         self.mv_size = mv_size
         self.shared_negative_crop = shared_negative_crop
         self.swap_iframe_channels = swap_iframe_channels
-        self.jitter = tuple(jitter)
-        self.p_jitter = p_jitter
-        self.p_gray = p_gray
-        self.p_blur = p_blur
-        self.blur_sigma = tuple(blur_sigma)
+        self.color = color
 
     def compressed_path(self, record: VideoRecord) -> Path:
         """The MPEG-4 file of a video: ``compressed_root/<Class>/<video>.avi``, or the video itself."""
@@ -209,16 +201,13 @@ class ContextMotionClips(ClipSampler):
             )
         return path
 
-    def _color(self, clip: Tensor, generator: torch.Generator) -> Tensor:
-        return color_augment(clip, generator, self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.blur_sigma)
-
     def _view(self, clip: Tensor, box: Box, flip: bool, size: int, generator: torch.Generator) -> Tensor:
         """uint8 frames [T, 3, H, W] → crop ``box`` resized to ``size``², flipped, colour-augmented,
         normalised [3, T, size, size]."""
         clip = crop_resize(clip, box, size)
         if flip:
             clip = TF.horizontal_flip(clip)
-        return to_model_input(self._color(clip, generator))
+        return to_model_input(self.color(clip, generator))
 
     def __call__(self, video: VideoReader, record: VideoRecord, spec: ClipSpec, generator: torch.Generator) -> dict[str, Any]:
         compressed = CompressedVideo(self.compressed_path(record))

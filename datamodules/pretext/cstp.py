@@ -23,7 +23,7 @@ Written from the released code (Katou2/CSTP @e28b08db21, ``UcfRepreBYOLSpPre`` a
   crops are resized to ``image_size``².
 - **Rotation**: each clip its own label k ∈ {0, 1, 2, 3}, a rotation by k·90° (counter-clockwise).
 - **Augmentation**: with probability ``strong_augment_p`` = 0.3 (per clip) a rotation by an angle
-  in ±``strong_rotation`` = 10°, MoCo-v2 colour augmentation (jitter 0.4/0.4/0.4/0.1 with
+  in ±``strong_rotation`` = 10°, MoCo-v2 colour augmentation ``color`` (jitter 0.4/0.4/0.4/0.1 with
   probability 0.8, grayscale 0.2, blur 0.5) and a flip; otherwise a flip only.
 
 Deviations from the code, each to keep a label true to what the network sees:
@@ -52,7 +52,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from datamodules.clips import (
-    as_clip, clip_indices, clip_span, coin, color_augment, crop_resize, random_resized_crop_box,
+    ColorAugment, as_clip, clip_indices, clip_span, coin, crop_resize, random_resized_crop_box,
     random_start, resize_short_side, to_model_input,
 )
 from datamodules.formats.video import VideoReader
@@ -162,6 +162,7 @@ class STORClips(ClipSampler):
         crop_scale: tuple[float, float] = (0.2, 1.0),
         strong_augment_p: float = 0.3,
         strong_rotation: float = 10.0,
+        color: ColorAugment = ColorAugment(),
     ) -> None:
         super().__init__(crop_scale)
         if list(paces) != sorted(paces) or paces[0] < 1:
@@ -174,6 +175,7 @@ class STORClips(ClipSampler):
         self.spatial_overlaps = tuple(spatial_overlaps)
         self.strong_augment_p = strong_augment_p
         self.strong_rotation = strong_rotation
+        self.color = color
 
     def __call__(self, video: VideoReader, record: VideoRecord, spec: ClipSpec, generator: torch.Generator) -> dict[str, Any]:
         length, num_frames = len(video), spec.num_frames
@@ -198,7 +200,7 @@ class STORClips(ClipSampler):
         flip), then rotate it by its label's k·90°; returns the model input and k."""
         if coin(self.strong_augment_p, generator):
             angle = float(torch.empty(()).uniform_(-self.strong_rotation, self.strong_rotation, generator=generator))
-            clip = color_augment(TF.rotate(clip, angle), generator)
+            clip = self.color(TF.rotate(clip, angle), generator)
         if coin(0.5, generator):
             clip = TF.horizontal_flip(clip)
         rotation = _randint(NUM_ROTATIONS, generator)

@@ -31,7 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from datamodules.clips import (
-    as_clip, coin, color_augment, crop_resize, random_resized_crop_box, resize_short_side, to_model_input,
+    ColorAugment, as_clip, coin, crop_resize, random_resized_crop_box, resize_short_side, to_model_input,
 )
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import VideoReader
@@ -45,19 +45,11 @@ class SeCoFrames(ClipSampler):
     def __init__(
         self,
         crop_scale: tuple[float, float] = (0.2, 1.0),
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        p_jitter: float = 0.8,
-        p_gray: float = 0.2,
-        p_blur: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        color: ColorAugment = ColorAugment(),
         flip: bool = True,
     ) -> None:
         super().__init__(crop_scale)
-        self.jitter = tuple(jitter)
-        self.p_jitter = p_jitter
-        self.p_gray = p_gray
-        self.p_blur = p_blur
-        self.blur_sigma = tuple(blur_sigma)
+        self.color = color
         self.flip = flip
 
     @staticmethod
@@ -76,7 +68,7 @@ class SeCoFrames(ClipSampler):
     def augment(self, frame: Tensor, size: int, generator: torch.Generator) -> Tensor:
         """One MoCo-v2 view [3, size, size] (float, normalised) of a uint8 frame [3, H, W]."""
         view = crop_resize(frame[None], random_resized_crop_box(*frame.shape[-2:], generator, self.crop_scale), size)
-        view = color_augment(view, generator, self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.blur_sigma)
+        view = self.color(view, generator)
         if self.flip and coin(0.5, generator):
             view = TF.horizontal_flip(view)
         return to_model_input(view)[:, 0]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from datamodules.clips import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.clips import IMAGENET_MEAN, IMAGENET_STD, ColorAugment
 from datamodules.formats.video import VideoReader
 from datamodules.mini.ucf101 import write_avi
 from datamodules.pretext.seco import SeCoFrames
@@ -81,7 +81,7 @@ def test_sampler_returns_four_augmented_views_of_the_chosen_frames(tmp_path):
     write_avi(path, np.stack([np.full((48, 64, 3), 8 * t, np.uint8) for t in range(30)]))
     video = VideoReader(path)
     spec = ClipSpec(num_frames=1, frame_stride=1, image_size=24, resize=40)
-    plain = SeCoFrames(p_jitter=0.0, p_gray=0.0, p_blur=0.0)
+    plain = SeCoFrames(color=ColorAugment(p_jitter=0.0, p_gray=0.0, p_blur=0.0))
     generator = torch.Generator().manual_seed(0)
     for _ in range(10):
         sample = plain(video, VideoRecord(path, 0, "x"), spec, generator)
