@@ -382,7 +382,7 @@ def reencode_tree(
 
 
 def _report(results: Iterable[tuple[Path, str | None]], total: int, src_root: Path) -> list[tuple[str, str]]:
-    failures, every = [], max(1, total // 100)
+    failures, every = [], max(50, total // 100)  # about 100 progress lines for the real set
     for done, (src, error) in enumerate(results, 1):
         name = str(src.relative_to(src_root))
         if error is not None:

@@ -1,20 +1,22 @@
 """Mini UCF101: short synthetic action videos in the official layout (benchmarks.md §4).
 
-Five classes, each a shape that moves its own way across a textured background (the shape is
-what a single frame shows, the direction what only time shows):
+Five classes, each a field of copies of one shape drifting its own way across a plain
+background (the shape is what a single frame shows, the direction what only time shows; the
+copies fill the frame, so any training crop shows both, as an actor fills a real UCF101 frame):
 
-    Hammering         square  moving right      HandstandPushups  disc    moving up
-    HammerThrow       cross   moving left       JumpingJack       ring    moving down
-    JumpRope          bar     moving diagonally
+    Hammering         squares  moving right      HandstandPushups  discs  moving up
+    HammerThrow       crosses  moving left       JumpingJack       rings  moving down
+    JumpRope          bars     moving diagonally
 
 The names carry the official pitfalls: ``classInd.txt`` is in case-insensitive order, which
 Python's ``sorted()`` breaks twice (HammerThrow/Hammering, JumpRope/JumpingJack), and the
 ``HandstandPushups`` folder holds ``v_HandStandPushups_*.avi`` files. Every class has one clip
 in each of the 25 groups (g01..g25); split k tests on groups 7(k−1)+1..7k, as the real lists
-do, which are written with CRLF line endings like the originals. Colours, textures, sizes,
-positions and speeds (about 1 to 1.5 pixels a frame) vary per video. Videos are MPEG-4 Part 2 in AVI (the codec family of the
-original Xvid files), 25 fps, GOP 12 without B-frames, readable by decord and PyAV; CMD's
-compressed-domain copy ``UCF-101-mpeg4/`` is made from them by the same re-encoding a user runs
+do, which are written with CRLF line endings like the originals. Colours, sizes, number of
+copies (14 to 20) and speeds (1 to 2 pixels a frame) vary per video; shapes and background differ
+strongly in every colour channel, so that small models learn the classes in minutes on a CPU.
+Videos are MPEG-4 Part 2 in AVI (the codec family of the original Xvid files), 25 fps, GOP 12
+without B-frames, readable by decord and PyAV; CMD's compressed-domain copy ``UCF-101-mpeg4/`` is made from them by the same re-encoding a user runs
 on the real set (:func:`~datamodules.formats.compressed_video.reencode_tree`).
 """
 
@@ -39,12 +41,14 @@ FILE_PREFIX = {"HandstandPushups": "HandStandPushups"}  # the official folder/fi
 GROUPS = 25
 WIDTH, HEIGHT = 96, 72
 FPS = 25
+COLUMNS, ROWS = 6, 4  # a grid over the frame, at most one shape copy per cell
 
 
-def _texture(rng: np.random.Generator, height: int, width: int, base: np.ndarray) -> np.ndarray:
-    """A smooth random colour texture around ``base`` (RGB 0-255)."""
-    noise = cv2.resize(rng.uniform(-60, 60, (height // 6 + 2, width // 6 + 2, 3)), (width, height), interpolation=cv2.INTER_CUBIC)
-    return np.clip(base + noise + rng.normal(0, 6, (height, width, 3)), 0, 255)
+def _smooth_texture(rng: np.random.Generator, height: int, width: int, base: np.ndarray, amplitude: float) -> np.ndarray:
+    """A smooth random colour texture around ``base`` (RGB 0-255), ±``amplitude``."""
+    noise = cv2.resize(rng.uniform(-amplitude, amplitude, (height // 6 + 2, width // 6 + 2, 3)), (width, height),
+                       interpolation=cv2.INTER_CUBIC)
+    return np.clip(base + noise + rng.normal(0, 3, (height, width, 3)), 0, 255)
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -65,22 +69,33 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 
 def _frames(rng: np.random.Generator, shape: str, direction: tuple[int, int], num_frames: int) -> np.ndarray:
-    background = _texture(rng, HEIGHT, WIDTH, rng.uniform(40, 215, 3))
-    size = int(rng.integers(18, 27))
-    sprite = _texture(rng, size, size, rng.uniform(20, 235, 3))
+    # A plain dark background and bright flat sprites (or both inverted): every channel differs by
+    # at least 70 levels, so the shapes survive colour jitter and the downscaling of the CPU presets.
+    background_colour, sprite_colour = rng.uniform(10, 80, 3), rng.uniform(150, 255, 3)
+    if rng.random() < 0.5:
+        background_colour, sprite_colour = 255 - background_colour, 255 - sprite_colour
+    background = _smooth_texture(rng, HEIGHT, WIDTH, background_colour, amplitude=12)
+    # A field of copies of the class's shape drifting together on a torus (leaving one side, a
+    # copy comes back in on the other), so that any crop of a clip shows the shape and the motion,
+    # as an actor fills a real UCF101 frame.
+    size = int(rng.integers(12, 17))
     mask = _shape_mask(shape, size)
+    period_x, period_y = WIDTH + size, HEIGHT + size
+    cells = [(col, row) for col in range(COLUMNS) for row in range(ROWS)]
+    chosen = rng.choice(len(cells), size=int(rng.integers(14, 21)), replace=False)
+    cell_width, cell_height = period_x / COLUMNS, period_y / ROWS  # one copy inside each chosen cell: no overlaps
+    starts = [(col * cell_width + rng.uniform(0, cell_width - size), row * cell_height + rng.uniform(0, cell_height - size))
+              for col, row in (cells[i] for i in chosen)]
+    speed = rng.uniform(1.0, 2.0)  # pixels a frame, along (dx, dy)
     dx, dy = direction
-    room = min(WIDTH - size if dx else WIDTH, HEIGHT - size if dy else HEIGHT)
-    speed = rng.uniform(0.6, 0.95) * room / (num_frames - 1)  # the whole path stays inside the frame
-    travel = speed * (num_frames - 1)
-    x0 = rng.uniform(max(0, -dx * travel), WIDTH - size - max(0, dx * travel))
-    y0 = rng.uniform(max(0, -dy * travel), HEIGHT - size - max(0, dy * travel))
     frames = np.empty((num_frames, HEIGHT, WIDTH, 3), np.uint8)
     for t in range(num_frames):
         frame = background.copy()
-        x, y = int(round(x0 + dx * speed * t)), int(round(y0 + dy * speed * t))
-        region = frame[y : y + size, x : x + size]
-        region[mask] = sprite[mask]
+        for x0, y0 in starts:
+            x = int(round(x0 + dx * speed * t)) % period_x - size  # top-left corner, from -size
+            y = int(round(y0 + dy * speed * t)) % period_y - size
+            visible = mask[max(0, -y) : HEIGHT - y, max(0, -x) : WIDTH - x]
+            frame[max(0, y) : y + size, max(0, x) : x + size][visible] = sprite_colour
         frames[t] = frame.astype(np.uint8)
     return frames
 
