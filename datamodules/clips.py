@@ -100,6 +100,16 @@ class ColorAugment:
     p_blur: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
+    def __post_init__(self) -> None:
+        for name in ("p_jitter", "p_gray", "p_blur"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"color.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise ValueError(f"color.jitter must be 4 non-negative strengths (brightness, contrast, saturation, hue <= 0.5), "
+                             f"got {self.jitter}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"color.blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}")
+
     def __call__(self, clip: Tensor, generator: torch.Generator) -> Tensor:
         """uint8 frames [T, 3, H, W], augmented."""
         if coin(self.p_jitter, generator):

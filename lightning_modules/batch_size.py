@@ -10,7 +10,8 @@ def global_batch_size(trainer: Trainer) -> int:
     """Samples per optimizer step over all ranks: per-device batch × devices × nodes × gradient
     accumulation. The per-device batch is the training loader's, else the DataModule's
     ``batch_size``. Call it from ``configure_optimizers`` or later."""
-    if trainer.train_dataloader is None:  # as Trainer.estimated_stepping_batches loads it, which skips it when max_epochs is -1
+    if trainer.train_dataloader is None:
+        # Trainer.estimated_stepping_batches loads it the same way, but not when max_epochs is -1.
         trainer.fit_loop.setup_data()
     loader = trainer.train_dataloader
     per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)

@@ -146,12 +146,13 @@ class VideoClassifier(LightningModule):
     down to ``min_lr`` at the end of training (per step). The three rates are for a global batch
     of ``lr_batch_size`` clips and scale linearly with the run's global batch (devices × batch ×
     accumulation; ``None``: used as given): a linear layer on standardised D-dimensional features
-    moves a clip's logits by about lr·D/batch per step, so the probe's lr 0.1 for batch 64 would
-    diverge at the mini preset's batch 8 unscaled. The defaults are CMD's fine-tuning recipe
-    (method card §8 (5) [CODE*], read in a copy of the code, which scales the same way): dropout
-    0.3, lr 1e-4 × batch 8 = 8e-4, Nesterov momentum 0.9, weight decay 3e-3, 10 warm-up epochs
-    from 4e-6 × 8, cosine to 1e-6 (scaled here too), 120 epochs (trainer). CMD's ±10° rotation augmentation is not applied
-    (the DataModule's default sampler: random crop of area 0.2-1 and flip).
+    moves a clip's logits by about lr·D/batch per step (more with momentum), so the probe's lr 0.1
+    for batch 64 diverges unscaled at the mini preset's batch 8. The defaults are CMD's
+    fine-tuning recipe (method card §8 (5) [CODE*], read in a copy of the code, which scales the
+    same way): dropout 0.3, lr 1e-4 × batch 8 = 8e-4, Nesterov momentum 0.9, weight decay 3e-3,
+    10 warm-up epochs from 4e-6 × 8, cosine to 1e-6 (scaled here too), 120 epochs (trainer).
+    CMD's ±10° rotation augmentation is not applied (the DataModule's default sampler: random
+    crop of area 0.2-1 and flip).
 
     ``pretrained``/``weights`` start a timm 2-D backbone from its ImageNet weights;
     ``pretrained_checkpoint`` loads ``backbone.*`` from a pretraining run (:func:`load_backbone`).
@@ -177,6 +178,8 @@ class VideoClassifier(LightningModule):
         min_lr: float = 1e-6,
     ) -> None:
         super().__init__()
+        if lr_batch_size is not None and lr_batch_size < 1:
+            raise ValueError(f"model.init_args.lr_batch_size must be a positive batch size or null, got {lr_batch_size}")
         self.save_hyperparameters()
         self.method_name = "linear_probe" if freeze_backbone else "finetune"
         self.backbone = VideoEncoder(backbone, pretrained, weights)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.clips import clip_indices, random_start, train_clip, uniform_starts
+from datamodules.clips import ColorAugment, clip_indices, random_start, train_clip, uniform_starts
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import VideoReader
 from datamodules.mini.ucf101 import write_avi
@@ -111,6 +111,21 @@ def test_one_spatial_transform_for_all_frames_of_a_clip():
     assert clip.shape == (3, 6, 24, 24)
     for t in range(1, 6):
         torch.testing.assert_close(clip[:, t], clip[:, 0])
+
+
+def test_color_augment_draws_once_per_clip_and_checks_its_options():
+    clip = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(ColorAugment(p_jitter=0, p_gray=0, p_blur=0)(clip, torch.Generator()), clip)
+    gray = ColorAugment(p_jitter=0, p_gray=1, p_blur=0)(clip, torch.Generator())
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])  # every frame
+    still = clip[:1].repeat(4, 1, 1, 1)
+    jittered = ColorAugment(p_jitter=1, p_gray=0, p_blur=1)(still, torch.Generator().manual_seed(0))
+    assert not torch.equal(jittered, still)
+    assert all(torch.equal(jittered[0], frame) for frame in jittered)  # one draw: equal frames stay equal
+    with pytest.raises(ValueError, match="color.p_gray"):
+        ColorAugment(p_gray=1.5)
+    with pytest.raises(ValueError, match="color.blur_sigma"):
+        ColorAugment(blur_sigma=(2.0, 0.1))
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])

@@ -96,6 +96,11 @@ def test_learning_rate_scales_linearly_with_the_global_batch(lr_batch_size, expe
     assert model.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(expected)
 
 
+def test_a_non_positive_lr_batch_size_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="lr_batch_size"):
+        VideoClassifier(num_classes=3, lr_batch_size=0)
+
+
 def _pretraining_checkpoint(path: Path, encoder: VideoEncoder, **extra: torch.Tensor) -> str:
     """A Lightning-style checkpoint of a pretraining method: backbone, a momentum copy, a head."""
     state = {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
