@@ -7,6 +7,7 @@ briefly pretrained CSTP backbone beat chance on the mini set."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -252,3 +253,35 @@ def test_retrieval_config_tests_without_a_fit_checkpoint_and_reaches_the_leaderb
 
     with pytest.raises(ValueError, match="test_gallery true"):
         VisionZooCLI(args=["test", *args, "--data.init_args.test_gallery", "false", "--trainer.limit_test_batches", "1"])
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_linear_probe_and_retrieval_of_a_pretrained_backbone_beat_chance(mini_ucf101, tmp_path, monkeypatch):
+    """CSTP pretraining on the mini set (2 epochs), then the linear probe (fit + test) and retrieval
+    of its backbone through the CLI; 5 classes, chance 0.2. Measured: probe video top-1 0.49-0.69,
+    R@1 0.63-0.83 over pretraining seeds. The probe trains on crops of area 0.6-1 rather than the
+    protocol's 0.2-1: at 32 pixels a small crop doubles the shapes' size, which the frozen features
+    of so short a pretraining do not absorb in 12 epochs."""
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    pretrain = VisionZooCLI(args=["fit", *_config_args("cstp", mini_ucf101), *TINY_CLIPS,
+                                  "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "0"])
+    checkpoint = str(Path(pretrain.trainer.default_root_dir) / "checkpoints/last.ckpt")
+    evaluation = [*TINY_CLIPS, "--model.init_args.pretrained_checkpoint", checkpoint, "--run_name", "cstp"]
+
+    probe = [*_config_args("linear_probe", mini_ucf101), *evaluation, "--trainer.max_epochs", "12",
+             "--trainer.limit_val_batches", "0", "--data.init_args.train_sampler", "datamodules.ucf101.ClipSampler",
+             "--data.init_args.train_sampler.init_args.crop_scale", "[0.6, 1.0]"]
+    VisionZooCLI(args=["fit", *probe])
+    VisionZooCLI(args=["test", *probe, "--ckpt_path", "last"])
+    VisionZooCLI(args=["test", *_config_args("retrieval", mini_ucf101), *evaluation])
+    elapsed = time.monotonic() - start
+
+    probe_metrics = json.loads(Path("runs/ucf101/linear_probe/cstp/results.json").read_text())["metrics"]
+    retrieval_metrics = json.loads(Path("runs/ucf101/retrieval/cstp/results.json").read_text())["metrics"]
+    print(f"linear probe {probe_metrics}, retrieval {retrieval_metrics}, {elapsed:.0f} s")
+    assert probe_metrics["video_top1"] >= 0.45, probe_metrics
+    assert retrieval_metrics["R@1"] >= 0.4, retrieval_metrics
