@@ -15,10 +15,10 @@ in each of the 25 groups (g01..g25); split k tests on groups 7(k−1)+1..7k, as 
 do, which are written with CRLF line endings like the originals. Colours (a little), sizes,
 number of copies (14 to 20) and speeds (1 to 2 pixels a frame) vary per video; shapes and
 background differ strongly in every colour channel, so that small models learn the classes in
-minutes on a CPU.
-Videos are MPEG-4 Part 2 in AVI (the codec family of the original Xvid files), 25 fps, GOP 12
-without B-frames, readable by decord and PyAV; CMD's compressed-domain copy ``UCF-101-mpeg4/`` is made from them by the same re-encoding a user runs
-on the real set (:func:`~datamodules.formats.compressed_video.reencode_tree`).
+minutes on a CPU. Videos are MPEG-4 Part 2 in AVI (the codec family of the original Xvid files),
+25 fps, GOP 12 without B-frames, readable by decord and PyAV; CMD's compressed-domain copy
+``UCF-101-mpeg4/`` is made from them by the same re-encoding a user runs on the real set
+(:func:`~datamodules.formats.compressed_video.reencode_tree`).
 """
 
 from __future__ import annotations

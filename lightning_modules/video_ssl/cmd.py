@@ -33,8 +33,8 @@ Recipe ([CODE*], from a public copy of the authors' code, TonyAlbertWan/CPaR ``p
 decay 1e-3 on every parameter, lr = ``lr_per_sample`` (5e-4) × global batch (GPUs × per-GPU
 batch; here also × gradient accumulation), 5 warm-up epochs rising linearly per step from 1 % of
 it, then a cosine to 0 (the code's cosine steps once per epoch; here per step), 200 epochs,
-gradient-norm clipping at 15 and SyncBN (trainer options in the config). All backbones start with their residual branches' last BN at zero, as
-the code's ResNets (``zero_init_residual=True``).
+gradient-norm clipping at 15 and SyncBN (trainer options in the config). All backbones start
+with their residual branches' last BN at zero, as the code's ResNets (``zero_init_residual=True``).
 """
 
 from __future__ import annotations
