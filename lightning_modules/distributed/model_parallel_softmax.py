@@ -3,13 +3,18 @@ KNN-softmax selection, and helpers that move the sharded state between world siz
 
 Each rank owns a contiguous slice of the class centres (:func:`class_shard`). The batch's
 embeddings and labels are all-gathered; each rank computes the logits of the whole batch
-with its own classes only, and the softmax normaliser comes from an all-reduce of the row
-max and of the row sum of exponentials. Memory per rank is O(global batch × classes / ranks).
+with its own classes only, a chunk of classes at a time, and the softmax normaliser comes
+from an all-reduce of the row max and of the row sum of exponentials. Memory per rank: the
+centres, their gradient and momentum, (classes / ranks) × D each, and temporaries of
+O(global batch × chunk).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +27,13 @@ from lightning_modules.distributed.comm import (
     all_reduce_sum,
     world_info,
 )
-from lightning_modules.nn.margins import MarginHead
+from lightning_modules.nn.margins import MarginHead, NegativeStatistic
 
 # Rows of the initial class centres are drawn in blocks of this many, each from its own
 # generator, so that no rank draws (or holds) the full matrix.
 _INIT_BLOCK_ROWS = 4096
+# Centres with a smaller norm are divided by this instead (F.normalize's eps).
+_NORM_EPS = 1e-12
 
 
 def class_shard(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -43,18 +50,17 @@ def _initial_centres(num_classes: int, start: int, end: int, dim: int, seed: int
     Block b of ``_INIT_BLOCK_ROWS`` rows comes from a generator seeded by the b-th draw of a
     generator seeded with ``seed``: a row's value depends on neither the world size nor the rank.
     """
-    if start == end:
-        return torch.empty(0, dim)
+    centres = torch.empty(end - start, dim)
     num_blocks = math.ceil(num_classes / _INIT_BLOCK_ROWS)
     block_seeds = torch.randint(2**62, (num_blocks,), generator=torch.Generator().manual_seed(seed))
-    first, last = start // _INIT_BLOCK_ROWS, math.ceil(end / _INIT_BLOCK_ROWS)
-    blocks = []
-    for block in range(first, last):
-        rows = min(_INIT_BLOCK_ROWS, num_classes - block * _INIT_BLOCK_ROWS)
+    for block in range(start // _INIT_BLOCK_ROWS, math.ceil(end / _INIT_BLOCK_ROWS)):
+        block_start = block * _INIT_BLOCK_ROWS
+        rows = min(_INIT_BLOCK_ROWS, num_classes - block_start)
         generator = torch.Generator().manual_seed(int(block_seeds[block]))
-        blocks.append(torch.empty(rows, dim).normal_(0.0, 0.01, generator=generator))
-    offset = first * _INIT_BLOCK_ROWS
-    return torch.cat(blocks)[start - offset : end - offset].clone()
+        values = torch.empty(rows, dim).normal_(0.0, 0.01, generator=generator)
+        first, last = max(start, block_start), min(end, block_start + rows)  # this shard's rows of the block
+        centres[first - start : last - start] = values[first - block_start : last - block_start]
+    return centres
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -68,23 +74,116 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _reduce_statistic(x: Tensor) -> Tensor:
-    """A head's per-sample statistic summed over shards (heads use it without gradient)."""
-    return all_reduce_sum(x.detach())
+def _chunks(count: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, end) of consecutive chunks of at most ``size`` of ``count`` rows."""
+    for start in range(0, count, size):
+        yield start, min(start + size, count)
 
 
-def _sharded_log_sum_exp(logits: Tensor) -> Tensor:
-    """log Σ_j exp(z_j) over the classes of all shards, per row [N].
+def _inverse_norms(centres: Tensor) -> Tensor:
+    """1 / ‖w_j‖ of each centre [c], in >= fp32; norms below 1e-12 count as 1e-12 (as in
+    ``F.normalize``)."""
+    norms = centres.norm(dim=1)
+    return 1.0 / norms.to(torch.promote_types(norms.dtype, torch.float32)).clamp_min(_NORM_EPS)
 
-    Shifted by the global row max, which is a constant for the gradient: the result does
-    not depend on it.
+
+def _cosines(features: Tensor, centres: Tensor, inverse_norms: Tensor) -> Tensor:
+    """Cosines [N, c] between unit ``features`` [N, D] and ``centres`` [c, D], in >= fp32
+    (the softmax stays in fp32 under autocast): the product's columns are scaled by the
+    centres' inverse norms, no normalised copy of the centres is made."""
+    return (features @ centres.T).to(inverse_norms.dtype) * inverse_norms
+
+
+def _target_cosines(features: Tensor, centres: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """cos(f_rows[k], w_cols[k]) [n] of the samples ``rows`` whose classes are ``cols``."""
+    own = centres[cols]
+    return (features[rows] * own).sum(1).to(torch.promote_types(own.dtype, torch.float32)) * _inverse_norms(own)
+
+
+def _targets_in_chunk(target_rows: Tensor, target_cols: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+    """(rows, columns within the chunk) of the targets among the chunk's classes [start, end)."""
+    inside = (target_cols >= start) & (target_cols < end)
+    return target_rows[inside], target_cols[inside] - start
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with -inf (a row with no class yet) replaced by 0, to shift by without NaNs."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _without_targets(logits: Tensor, targets: tuple[Tensor, Tensor]) -> Tensor:
+    """``logits`` [N, c] of one chunk with -inf at the samples' own classes ``targets``."""
+    return logits.index_put(targets, logits.new_tensor(-math.inf))
+
+
+class _ShardSoftmaxTerms(torch.autograd.Function):
+    """This shard's terms of the softmax loss, computed chunk by chunk:
+
+    - the target cosines [n] of the samples ``target_rows`` whose class (``target_cols``) the
+      shard owns;
+    - log Σ_{j ≠ y_i} exp(z_ij) [N] over the negative classes of every shard, z the head's
+      ``logits_fn`` of the cosines: an online log-sum-exp over the shard's chunks (running
+      max, rescaled sum), then all-reduces of the max and of the sum.
+
+    Temporaries are [N, chunk] and [chunk, D], never [N, classes of the shard], and the only
+    tensor of the centres' size is their gradient, written chunk by chunk. The backward
+    recomputes each chunk's cosines (one more product, instead of storing them), takes the
+    head's element-wise derivative G = ∂L/∂cos by autograd and, with Ĝ_ij = G_ij / ‖w_j‖,
+    ∂L/∂f_i = Σ_j Ĝ_ij w_j and ∂L/∂w_j = Σ_i Ĝ_ij f_i − w_j (Σ_i Ĝ_ij cos_ij) / ‖w_j‖.
     """
-    if logits.shape[1]:
-        local_max = logits.detach().amax(1)
-    else:
-        local_max = logits.new_full(logits.shape[:1], -math.inf)
-    shift = all_reduce_max(local_max)
-    return shift + all_reduce_sum((logits - shift[:, None]).exp().sum(1)).log()
+
+    @staticmethod
+    def forward(ctx, features, centres, target_rows, target_cols, logits_fn, chunk_classes):
+        inverse_norms = _inverse_norms(centres)
+        target_cos = _target_cosines(features, centres, target_rows, target_cols)
+        row_max = features.new_full(features.shape[:1], -math.inf, dtype=inverse_norms.dtype)
+        row_sum = torch.zeros_like(row_max)
+        for start, end in _chunks(centres.shape[0], chunk_classes):
+            cos = _cosines(features, centres[start:end], inverse_norms[start:end])
+            logits = _without_targets(logits_fn(cos), _targets_in_chunk(target_rows, target_cols, start, end))
+            new_max = torch.maximum(row_max, logits.amax(1))
+            shift = _finite_or_zero(new_max)
+            row_sum = row_sum * (row_max - shift).exp() + (logits - shift[:, None]).exp().sum(1)
+            row_max = new_max
+        shift = _finite_or_zero(all_reduce_max(row_max))
+        log_sum_exp = shift + all_reduce_sum(row_sum * (row_max - shift).exp()).log()
+        ctx.save_for_backward(features, centres, inverse_norms, target_rows, target_cols, log_sum_exp)
+        ctx.logits_fn, ctx.chunk_classes = logits_fn, chunk_classes
+        ctx.autocast = [
+            (device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)
+        ]
+        return target_cos, log_sum_exp
+
+    @staticmethod
+    def backward(ctx, grad_target_cos: Tensor, grad_log_sum_exp: Tensor):
+        features, centres, inverse_norms, target_rows, target_cols, log_sum_exp = ctx.saved_tensors
+        grad_features = torch.zeros_like(features)
+        grad_centres = torch.empty_like(centres)
+        shift = _finite_or_zero(log_sum_exp)[:, None]
+        with contextlib.ExitStack() as autocast:
+            for device, dtype in ctx.autocast:  # recompute the cosines exactly as the forward did
+                autocast.enter_context(torch.autocast(device, dtype))
+            for start, end in _chunks(centres.shape[0], ctx.chunk_classes):
+                chunk, chunk_inverse_norms = centres[start:end], inverse_norms[start:end]
+                cos = _cosines(features, chunk, chunk_inverse_norms).requires_grad_()
+                with torch.enable_grad():
+                    targets = _targets_in_chunk(target_rows, target_cols, start, end)
+                    logits = _without_targets(ctx.logits_fn(cos), targets)
+                    softmax = (logits.detach() - shift).exp()
+                    (grad_cos,) = torch.autograd.grad(logits, cos, grad_log_sum_exp[:, None] * softmax)
+                scaled = grad_cos * chunk_inverse_norms  # Ĝ
+                grad_features += scaled @ chunk
+                radial = (scaled * cos.detach()).sum(0) * chunk_inverse_norms
+                grad_centres[start:end] = scaled.T @ features
+                grad_centres[start:end].addcmul_(chunk, radial[:, None], value=-1)
+        # The owned samples' target cosines t = f·w / ‖w‖: the same rule, a few rows added in place.
+        own, own_inverse_norms = centres[target_cols], inverse_norms[target_cols]
+        target_cos = _target_cosines(features, centres, target_rows, target_cols)
+        scaled = (grad_target_cos * own_inverse_norms)[:, None]
+        radial = scaled * (target_cos * own_inverse_norms)[:, None]
+        grad_features.index_add_(0, target_rows, (scaled * own).to(grad_features.dtype))
+        grad_centres.index_add_(0, target_cols, (scaled * features[target_rows] - radial * own).to(grad_centres.dtype))
+        return grad_features, grad_centres, None, None, None, None
 
 
 class ModelParallelSoftmax(nn.Module):
@@ -97,6 +196,12 @@ class ModelParallelSoftmax(nn.Module):
     - embeddings: the all-gather sends back to each rank the gradient of the loss w.r.t. its
       own embeddings, multiplied by the world size, because DDP averages the (replicated)
       backbone's gradients over ranks: the average is then the gradient of the global loss.
+
+    The target logit comes from each sample's own centre; the normaliser's other classes are
+    taken ``chunk_classes`` at a time (:class:`_ShardSoftmaxTerms`), so no rank holds the
+    logits of its whole shard: temporaries are O(global batch × chunk_classes), and no
+    normalised copy of the centres is made. Heads that sum over negatives (NPCFace) take one
+    more pass over the chunks, without gradient.
 
     The centres are model-parallel (:meth:`model_parallel_parameter_names`): exclude them
     from DDP's gradient all-reduce. Build the module once torch.distributed is initialised
@@ -123,6 +228,7 @@ class ModelParallelSoftmax(nn.Module):
         sample_rate: float = 1.0,
         knn_neighbours: int = 0,
         seed: int = 0,
+        chunk_classes: int = 65536,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -131,18 +237,21 @@ class ModelParallelSoftmax(nn.Module):
             raise ValueError(f"knn_neighbours must be >= 0, got {knn_neighbours}")
         if knn_neighbours and sample_rate < 1.0:
             raise ValueError("choose one class selection: sample_rate < 1 or knn_neighbours > 0")
+        if chunk_classes < 1:
+            raise ValueError(f"chunk_classes must be >= 1, got {chunk_classes}")
         rank, world_size = world_info()
         self.num_classes = num_classes
         self.start, self.end = class_shard(num_classes, rank, world_size)
         self.sample_rate = sample_rate
         self.knn_neighbours = knn_neighbours
+        self.chunk_classes = chunk_classes
         self.head = head
         self.weight = nn.Parameter(_initial_centres(num_classes, self.start, self.end, embedding_size, seed))
 
     def extra_repr(self) -> str:
         return (
-            f"classes [{self.start}, {self.end}) of {self.num_classes}, "
-            f"sample_rate={self.sample_rate}, knn_neighbours={self.knn_neighbours}"
+            f"classes [{self.start}, {self.end}) of {self.num_classes}, sample_rate={self.sample_rate}, "
+            f"knn_neighbours={self.knn_neighbours}, chunk_classes={self.chunk_classes}"
         )
 
     def model_parallel_parameter_names(self) -> list[str]:
@@ -166,23 +275,47 @@ class ModelParallelSoftmax(nn.Module):
 
     @torch.no_grad()
     def _nearest_classes(self, labels: Tensor, positives: Tensor) -> Tensor:
+        """The batch's classes of this shard and, of each class of the batch, the local
+        classes among its K nearest over all shards; two passes over the chunks."""
         classes = torch.unique(labels)
         owned = (classes >= self.start) & (classes < self.end)
-        weight = F.normalize(self.weight, dim=1)
-        centres = weight.new_zeros(classes.numel(), weight.shape[1])
-        centres[owned] = weight[classes[owned] - self.start]
+        own_rows, own_cols = owned.nonzero().squeeze(1), classes[owned] - self.start
+        centres = self.weight.new_zeros(classes.numel(), self.weight.shape[1])
+        centres[owned] = F.normalize(self.weight[own_cols], dim=1)
         centres = all_reduce_sum(centres)
-        similarity = centres @ weight.T  # [classes of the batch, local classes]
-        similarity[owned.nonzero().squeeze(1), classes[owned] - self.start] = -math.inf  # not its own neighbour
+        inverse_norms = _inverse_norms(self.weight)
+
+        def similarity(start: int, end: int) -> Tensor:  # -inf to itself: not its own neighbour
+            cos = _cosines(centres, self.weight[start:end], inverse_norms[start:end])
+            return _without_targets(cos, _targets_in_chunk(own_rows, own_cols, start, end))
+
         k = self.knn_neighbours
-        local_top = similarity.topk(min(k, similarity.shape[1]), dim=1).values
-        local_top = F.pad(local_top, (0, k - local_top.shape[1]), value=-math.inf)
+        local_top = centres.new_full((classes.numel(), k), -math.inf)
+        for start, end in _chunks(self.end - self.start, self.chunk_classes):
+            local_top = torch.cat([local_top, similarity(start, end)], dim=1).topk(k, dim=1).values
         _, world_size = world_info()
         candidates = all_gather(local_top).view(world_size, -1, k).transpose(0, 1).reshape(classes.numel(), -1)
         kth = candidates.topk(k, dim=1).values[:, -1]
-        active = (similarity >= kth[:, None]).any(0)
+        active = torch.zeros(self.end - self.start, dtype=torch.bool, device=labels.device)
+        for start, end in _chunks(self.end - self.start, self.chunk_classes):
+            active[start:end] = (similarity(start, end) >= kth[:, None]).any(0)
         active[positives] = True
         return active.nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def _sum_over_negatives(
+        self, features: Tensor, centres: Tensor, targets: tuple[Tensor, Tensor], statistic: NegativeStatistic
+    ) -> Tensor:
+        """A head's per-sample statistic summed over the negative classes of every shard."""
+        no_classes = features.new_zeros(features.shape[0], 0)
+        total = statistic(no_classes, no_classes.bool())  # zeros of the statistic's shape
+        inverse_norms = _inverse_norms(centres)
+        for start, end in _chunks(centres.shape[0], self.chunk_classes):
+            cos = _cosines(features, centres[start:end], inverse_norms[start:end])
+            negative = torch.ones_like(cos, dtype=torch.bool)
+            negative[_targets_in_chunk(*targets, start, end)] = False
+            total = total + statistic(cos, negative)
+        return all_reduce_sum(total)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over the global batch from this rank's embeddings [B, D] and labels [B]."""
@@ -191,19 +324,26 @@ class ModelParallelSoftmax(nn.Module):
             embeddings = _ScaleGrad.apply(embeddings, float(world_size))
         features = F.normalize(all_gather_with_grad(embeddings), dim=1)
         labels = all_gather(labels)
-        column = labels - self.start
-        in_shard = (column >= 0) & (column < self.end - self.start)
-        weight = self.weight
+        centres, column = self.weight, labels - self.start
         if self.training and (self.sample_rate < 1.0 or self.knn_neighbours):
             active = self.active_classes(labels)
-            weight = weight[active]
+            centres = centres[active]
             column = torch.searchsorted(active, column)
-        cos = features @ F.normalize(weight, dim=1).T
-        cos = cos.to(torch.promote_types(cos.dtype, torch.float32))  # softmax in >= fp32 under autocast
-        logits = self.head.logits(cos, in_shard, column, _reduce_statistic)
-        rows = in_shard.nonzero().squeeze(1)
-        target = all_reduce_sum(logits.new_zeros(labels.shape[0]).index_put((rows,), logits[rows, column[rows]]))
-        return self.head.loss(target - _sharded_log_sum_exp(logits)).mean()
+        owned = (labels >= self.start) & (labels < self.end)
+        targets = owned.nonzero().squeeze(1), column[owned]
+        with torch.no_grad():
+            cos_y = self._all_target_cosines(_target_cosines(features, centres, *targets), targets[0], labels.shape[0])
+        state = self.head.row_state(cos_y, functools.partial(self._sum_over_negatives, features, centres, targets))
+        own_cos, negatives = _ShardSoftmaxTerms.apply(
+            features, centres, *targets, functools.partial(self.head.negative_logits, state=state), self.chunk_classes
+        )
+        target_logit = self.head.target_logit(self._all_target_cosines(own_cos, targets[0], labels.shape[0]), state)
+        return self.head.loss(target_logit - torch.logaddexp(target_logit, negatives)).mean()
+
+    @staticmethod
+    def _all_target_cosines(own_cos: Tensor, rows: Tensor, batch: int) -> Tensor:
+        """cos θ_y [N] of the whole batch from each shard's ``own_cos`` of its ``rows``."""
+        return all_reduce_sum(own_cos.new_zeros(batch).index_put((rows,), own_cos))
 
 
 def shard_of(full: Tensor, rank: int, world_size: int) -> Tensor:

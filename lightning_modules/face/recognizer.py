@@ -8,8 +8,10 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
    centres into logits: the margin acts on the target class only.
 3. The centres live in :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax`:
    each rank owns a contiguous slice, embeddings are all-gathered, and the loss equals the
-   single-device softmax. The centres are kept out of DDP's gradient all-reduce, and a
-   checkpoint holds them whole, so that it resumes on any number of ranks.
+   single-device softmax. Logits are computed ``chunk_classes`` classes at a time, so that a
+   rank's temporaries are (global batch × chunk_classes), whatever its share of the classes.
+   The centres are kept out of DDP's gradient all-reduce, and a checkpoint holds them whole,
+   so that it resumes on any number of ranks.
 4. Validation follows insightface ``eval/verification.py`` (:mod:`lightning_modules.face.base`):
    embeddings of the image and of its horizontal flip are summed, then the 10-fold accuracy
    of each ``.bin`` pair set.
@@ -51,6 +53,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         weights: str | None = None,
         sample_rate: float = 1.0,
         knn_neighbours: int = 0,
+        chunk_classes: int = 65536,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -76,7 +79,9 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         if self.softmax is not None:
             return
         hp = self.hparams
-        self.softmax = ModelParallelSoftmax(hp.num_classes, hp.embedding_size, self.head, hp.sample_rate, hp.knn_neighbours, hp.seed)
+        self.softmax = ModelParallelSoftmax(
+            hp.num_classes, hp.embedding_size, self.head, hp.sample_rate, hp.knn_neighbours, hp.seed, hp.chunk_classes
+        )
         ignored = [f"softmax.{name}" for name in self.softmax.model_parallel_parameter_names()]
         ignored += [f"softmax.head.{name}" for name, _ in self.head.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)

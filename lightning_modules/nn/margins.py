@@ -1,12 +1,13 @@
 """Margin heads: cosines between normalised embeddings and class centres -> logits.
 
-Every head works on one device and on a class shard (a contiguous slice of the classes, see
-:mod:`lightning_modules.distributed.model_parallel_softmax`). A head sees the cosines of
-the whole (gathered) batch with its shard's classes, which of the rows have their target
-in the shard and in which column, and a ``reduce`` that sums a per-sample statistic over
-all shards (identity on one device). Statistics taken with ``reduce`` (the target cosine,
-NPCFace's hard-negative mean) never carry gradient: the heads use them for thresholds and
-margins, as the authors' code does under ``no_grad``; gradients come from the local cosines.
+A head gives a sample's logit for its own class (``target_logit``, from the target cosine)
+and, element-wise, for every other class (``negative_logits``), both given per-sample
+quantities (``row_state``) taken without gradient from the target cosines and, where a head
+needs them, from sums over the sample's negative classes, as the authors' code computes them
+under ``no_grad``. Gradients come from the cosines only. The split lets
+:mod:`lightning_modules.distributed.model_parallel_softmax` work on chunks of a class shard
+(a contiguous slice of the classes on one rank) without ever holding a sample's whole row of
+logits; ``forward`` composes the pieces over all classes on one device.
 
 - :class:`SoftmaxHead`: normalised softmax, s·cos.
 - :class:`CombinedMarginHead`: ArcFace / CosFace / combined margin, s·(cos(m1·θ + m2) − m3).
@@ -19,34 +20,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-Reduce = Callable[[Tensor], Tensor]
+# A per-sample statistic of one chunk of classes: (cosines [N, c], negative [N, c] marking the
+# classes that are not the sample's own) -> [N, k], summed over the chunk's columns.
+NegativeStatistic = Callable[[Tensor, Tensor], Tensor]
+# Sums a NegativeStatistic over all classes (every chunk, every shard) -> [N, k], no gradient.
+SumOverNegatives = Callable[[NegativeStatistic], Tensor]
 
 # Cosines are clamped to [-1 + eps, 1 - eps] before arccos, so that d arccos / d cos stays finite.
 _ARCCOS_EPS = 1e-7
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
 def _angle(cos: Tensor) -> Tensor:
     return torch.acos(cos.clamp(-1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS))
-
-
-def _target_index(target_in_shard: Tensor, target_col: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, columns) of the targets that lie in this shard."""
-    rows = target_in_shard.nonzero().squeeze(1)
-    return rows, target_col[rows]
-
-
-def _target_cos(cos: Tensor, rows: Tensor, cols: Tensor, reduce: Reduce) -> Tensor:
-    """cos θ_y of every sample [N] (without gradient): each shard gives the targets it owns."""
-    with torch.no_grad():
-        return reduce(cos.new_zeros(cos.shape[0]).index_put((rows,), cos[rows, cols]))
 
 
 def margin_cos(cos: Tensor, m1: float, m2: float, m3: float) -> Tensor:
@@ -65,8 +56,9 @@ def margin_cos(cos: Tensor, m1: float, m2: float, m3: float) -> Tensor:
 
 
 class MarginHead(nn.Module):
-    """Base class: ``logits`` from cosines of a class shard, ``loss`` from log p(target).
-    ``name`` names the method in run directories and results."""
+    """Base class: logits of a sample from its target cosine and, element-wise, the cosines
+    of its negative classes (module docstring); ``loss`` from log p(target). ``name`` names
+    the method in run directories and results."""
 
     name = "margin_softmax"
 
@@ -74,22 +66,29 @@ class MarginHead(nn.Module):
         super().__init__()
         self.scale = s
 
-    def logits(self, cos: Tensor, target_in_shard: Tensor, target_col: Tensor, reduce: Reduce) -> Tensor:
-        """Logits [N, C_local] from cosines [N, C_local].
+    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> Any:
+        """Per-sample quantities the logits need (no gradient), from the target cosines [N]
+        of the whole batch; called once per forward (a training forward may update buffers)."""
+        return None
 
-        ``target_in_shard`` [N] marks the samples whose class is in this shard and
-        ``target_col`` [N] its column there (valid where marked); ``reduce`` sums a tensor
-        over all shards.
-        """
+    def target_logit(self, cos_y: Tensor, state: Any) -> Tensor:
+        """Logit [N] of each sample's own class from its cosine [N]."""
         raise NotImplementedError
+
+    def negative_logits(self, cos: Tensor, state: Any) -> Tensor:
+        """Logits [N, c] of other classes from their cosines [N, c], element-wise."""
+        return self.scale * cos
 
     def loss(self, log_p_target: Tensor) -> Tensor:
         """Per-sample loss [N] from the log softmax probability of the target."""
         return -log_p_target
 
     def forward(self, cos: Tensor, labels: Tensor) -> Tensor:
-        """Logits over all classes on one device."""
-        return self.logits(cos, torch.ones_like(labels, dtype=torch.bool), labels, _identity)
+        """Logits [N, C] over all classes on one device from cosines [N, C]."""
+        is_target = F.one_hot(labels, cos.shape[1]).bool()
+        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
+        state = self.row_state(cos_y.detach(), lambda statistic: statistic(cos.detach(), ~is_target))
+        return torch.where(is_target, self.target_logit(cos_y, state)[:, None], self.negative_logits(cos, state))
 
 
 class SoftmaxHead(MarginHead):
@@ -100,8 +99,8 @@ class SoftmaxHead(MarginHead):
     def __init__(self, s: float = 64.0) -> None:
         super().__init__(s)
 
-    def logits(self, cos: Tensor, target_in_shard: Tensor, target_col: Tensor, reduce: Reduce) -> Tensor:
-        return self.scale * cos
+    def target_logit(self, cos_y: Tensor, state: Any) -> Tensor:
+        return self.scale * cos_y
 
 
 class CombinedMarginHead(MarginHead):
@@ -124,10 +123,8 @@ class CombinedMarginHead(MarginHead):
             return "cosface"
         return "combined_margin"
 
-    def logits(self, cos: Tensor, target_in_shard: Tensor, target_col: Tensor, reduce: Reduce) -> Tensor:
-        rows, cols = _target_index(target_in_shard, target_col)
-        target = margin_cos(cos[rows, cols], self.m1, self.m2, self.m3)
-        return self.scale * cos.index_put((rows, cols), target)
+    def target_logit(self, cos_y: Tensor, state: Any) -> Tensor:
+        return self.scale * margin_cos(cos_y, self.m1, self.m2, self.m3)
 
 
 class CurricularFaceHead(MarginHead):
@@ -148,17 +145,19 @@ class CurricularFaceHead(MarginHead):
         self.m = m
         self.register_buffer("t", torch.zeros(()))
 
-    def logits(self, cos: Tensor, target_in_shard: Tensor, target_col: Tensor, reduce: Reduce) -> Tensor:
-        rows, cols = _target_index(target_in_shard, target_col)
-        cos_y = _target_cos(cos, rows, cols, reduce)
-        with torch.no_grad():
-            if self.training:
-                self.t.mul_(0.99).add_(0.01 * cos_y.mean())
-            threshold = torch.cos(_angle(cos_y) + self.m)
-        # The target's own column passes the threshold too; it is overwritten below.
-        out = torch.where(cos > threshold[:, None], cos * (self.t + cos), cos)
-        target = margin_cos(cos[rows, cols], 1.0, self.m, 0.0)
-        return self.scale * out.index_put((rows, cols), target)
+    @torch.no_grad()
+    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> tuple[Tensor, Tensor]:
+        """(hardness threshold cos(θ_y + m) [N], t), t updated first in training."""
+        if self.training:
+            self.t.mul_(0.99).add_(0.01 * cos_y.mean())
+        return torch.cos(_angle(cos_y) + self.m), self.t.clone()
+
+    def target_logit(self, cos_y: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
+        return self.scale * margin_cos(cos_y, 1.0, self.m, 0.0)
+
+    def negative_logits(self, cos: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
+        threshold, t = state
+        return self.scale * torch.where(cos > threshold[:, None], cos * (t + cos), cos)
 
 
 class NPCFaceHead(MarginHead):
@@ -178,19 +177,25 @@ class NPCFaceHead(MarginHead):
         super().__init__(s)
         self.m, self.m0, self.m1, self.t, self.a = m, m0, m1, t, a
 
-    def logits(self, cos: Tensor, target_in_shard: Tensor, target_col: Tensor, reduce: Reduce) -> Tensor:
-        rows, cols = _target_index(target_in_shard, target_col)
-        cos_y = _target_cos(cos, rows, cols, reduce)
-        with torch.no_grad():
-            threshold = torch.cos(_angle(cos_y) + self.m)
-            hard = (cos > threshold[:, None]).index_put((rows, cols), torch.zeros_like(rows, dtype=torch.bool))
-            count = reduce(hard.sum(1).to(cos.dtype))
-            mean_hard = reduce(torch.where(hard, cos, 0.0).sum(1)) / count.clamp_min(1.0)
-            margin = self.m0 + self.m1 * mean_hard
-        out = torch.where(hard, self.t * cos + self.a, cos)
-        own = cos[rows, cols]
-        target = torch.where(own > 0, torch.cos(_angle(own) + margin[rows]), own)
-        return self.scale * out.index_put((rows, cols), target)
+    @torch.no_grad()
+    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> tuple[Tensor, Tensor]:
+        """(hardness threshold cos(θ_y + m) [N], margin m' [N])."""
+        threshold = torch.cos(_angle(cos_y) + self.m)
+
+        def hard_count_and_sum(cos: Tensor, negative: Tensor) -> Tensor:
+            hard = negative & (cos > threshold[:, None])
+            return torch.stack([hard.sum(1).to(cos.dtype), torch.where(hard, cos, 0.0).sum(1)], dim=1)
+
+        count, total = sum_over_negatives(hard_count_and_sum).unbind(1)
+        return threshold, self.m0 + self.m1 * total / count.clamp_min(1.0)
+
+    def target_logit(self, cos_y: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
+        _, margin = state
+        return self.scale * torch.where(cos_y > 0, torch.cos(_angle(cos_y) + margin), cos_y)
+
+    def negative_logits(self, cos: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
+        threshold, _ = state
+        return self.scale * torch.where(cos > threshold[:, None], self.t * cos + self.a, cos)
 
 
 class SearchSoftmaxHead(SoftmaxHead):

@@ -18,10 +18,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_modules.distributed.comm import all_gather_with_grad, world_info
 from lightning_modules.distributed.model_parallel_softmax import (
     ModelParallelSoftmax,
+    _cosines,
+    _inverse_norms,
     class_shard,
     gather_full_weight,
     shard_of,
@@ -41,6 +45,8 @@ from runner import free_port
 WORLD_SIZES = (1, 2, 4)
 NUM_CLASSES, DIM, IN_FEATURES, BATCH = 50, 6, 5, 12  # global batch, split over the ranks
 SAMPLE_RATE, KNN = 0.5, 3
+# Classes per chunk of logits: several chunks per shard (the last one partial), and one chunk.
+CHUNKS = (4, 65536)
 
 HEADS: dict[str, Callable[[], MarginHead]] = {
     "softmax": lambda: SoftmaxHead(64.0),
@@ -83,12 +89,13 @@ def _run_sharded(problem: dict[str, Tensor], head: MarginHead, train: bool, **op
     rank, world_size = world_info()
     backbone = _backbone(problem)
     model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, **options).double().train(train)
+    selection = {key: value for key, value in options.items() if key != "chunk_classes"}
     start, end = class_shard(NUM_CLASSES, rank, world_size)
     with torch.no_grad():
         model.weight.copy_(problem["weight"][start:end])
     rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
     result = {}
-    if options:
+    if selection:
         torch.manual_seed(100 + rank)
         result["active"] = model.active_classes(problem["labels"]) + start
     torch.manual_seed(100 + rank)  # forward draws the same classes
@@ -116,12 +123,13 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results: dict = {
             "world_info": world_info(),
             "heads": {
-                (name, train): _run_sharded(problem, make_head(), train)
+                (name, train, chunk): _run_sharded(problem, make_head(), train, chunk_classes=chunk)
                 for name, make_head in HEADS.items()
                 for train in (True, False)
+                for chunk in CHUNKS
             },
-            "partial_fc": _run_sharded(problem, HEADS["arcface"](), True, sample_rate=SAMPLE_RATE),
-            "knn": _run_sharded(problem, HEADS["npcface"](), True, knn_neighbours=KNN),
+            "partial_fc": _run_sharded(problem, HEADS["arcface"](), True, sample_rate=SAMPLE_RATE, chunk_classes=4),
+            "knn": _run_sharded(problem, HEADS["npcface"](), True, knn_neighbours=KNN, chunk_classes=4),
         }
         from lightning_modules.distributed import model_parallel_softmax
 
@@ -200,8 +208,10 @@ def test_every_head_equals_single_process_softmax(runs, world_size):
     for name, make_head in HEADS.items():
         for train in (True, False):
             expected = _reference(problem, make_head(), train)
-            ranks = [result["heads"][name, train] for result in runs[world_size]]
-            _assert_equal_to_reference(ranks, expected, f"{name} (train={train}) on {world_size} ranks")
+            for chunk in CHUNKS:
+                ranks = [result["heads"][name, train, chunk] for result in runs[world_size]]
+                what = f"{name} (train={train}, chunks of {chunk} classes) on {world_size} ranks"
+                _assert_equal_to_reference(ranks, expected, what)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -209,8 +219,9 @@ def test_curricularface_t_is_updated_from_the_global_batch(runs, world_size):
     expected = _reference(_problem(), CurricularFaceHead(), train=True)["buffers"]["t"]
     assert expected != 0
     for result in runs[world_size]:
-        assert torch.allclose(result["heads"]["curricularface", True]["buffers"]["t"], expected, rtol=1e-12)
-        assert result["heads"]["curricularface", False]["buffers"]["t"] == 0  # eval leaves t
+        for chunk in CHUNKS:
+            assert torch.allclose(result["heads"]["curricularface", True, chunk]["buffers"]["t"], expected, rtol=1e-12)
+            assert result["heads"]["curricularface", False, chunk]["buffers"]["t"] == 0  # eval leaves t
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -282,6 +293,68 @@ def test_collectives_are_identities_on_one_process():
     x = torch.randn(3, 2, requires_grad=True)
     assert world_info() == (0, 1)
     assert all_gather_with_grad(x) is x
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records the shapes of the tensors that operations allocate (not views, not in-place
+    results) with more than ``min_numel`` elements."""
+
+    def __init__(self, min_numel: int) -> None:
+        super().__init__()
+        self.min_numel = min_numel
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                if tensor.numel() > self.min_numel:
+                    self.shapes.append(tuple(tensor.shape))
+        return out
+
+
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "npcface"])
+def test_only_the_centres_gradient_is_allocated_whole(name):
+    """Forward and backward in chunks of 4 classes allocate one tensor larger than the chunks
+    [N, 4], the embeddings [N, D] and per-class vectors [C]: the centres' gradient [C, D],
+    once. The logits of the batch with all classes [N, C] would be twice its size."""
+    problem = _problem()
+    chunk = 4
+    small = max(BATCH * chunk, BATCH * DIM, NUM_CLASSES)
+    assert BATCH * NUM_CLASSES > NUM_CLASSES * DIM > small
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), chunk_classes=chunk).double()
+    embeddings = _backbone(problem)(problem["x"]).detach().requires_grad_()
+    with _LargeAllocations(min_numel=small) as allocations:
+        model(embeddings, problem["labels"]).backward()
+    assert allocations.shapes == [(NUM_CLASSES, DIM)]
+
+
+def test_chunked_backward_recomputes_the_logits_under_the_forward_autocast():
+    """Under bf16 autocast the chunks' gradients equal autograd through the same bf16 logits
+    computed whole, up to the target cosine, which the model-parallel head takes in fp32
+    (0.3% of the largest gradient). Recomputing the logits in fp32 would be 30% off."""
+    problem = {key: value.float() if value.is_floating_point() else value for key, value in _problem().items()}
+    labels = problem["labels"]
+    embeddings = _backbone(problem).float()(problem["x"]).detach()
+    results = []
+    for chunk in (4, None):
+        head = CurricularFaceHead()
+        weight = problem["weight"].clone().requires_grad_()
+        x = embeddings.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunk:
+                model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, chunk_classes=chunk)
+                model.weight = nn.Parameter(weight)
+                loss = model(x, labels)
+            else:
+                loss = F.cross_entropy(head(_cosines(F.normalize(x, dim=1), weight, _inverse_norms(weight)), labels), labels)
+        loss.backward()
+        results.append((loss, x.grad, model.weight.grad if chunk else weight.grad))
+    assert results[0][1].abs().max() > 1e-3
+    for chunked, whole, what in zip(results[0], results[1], ("loss", "embedding grad", "centre grad")):
+        tolerance = 0.02 * whole.abs().max().item()  # measured 0.003; fp32 recomputation gives 0.3
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=tolerance, msg=lambda m: f"{what}: {m}")
 
 
 def test_margin_target_logits_follow_the_formulas():
