@@ -9,27 +9,39 @@ processes, one training step (forward, backward, SGD-with-momentum update of the
 - ``plain``: one process holding all C centres, ``F.linear`` over all classes for the global
   batch N = B·W, then cross-entropy with the ArcFace margin (the single-device baseline);
 - ``model_parallel``: W processes (gloo on CPU, NCCL on GPUs), each holding C/W centres, as
-  :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax` computes it;
+  :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax` computes it
+  (``--chunk-classes`` classes of logits at a time) and updated by the recipe's fused SGD;
 - ``partial_fc``: the same with ``--sample-rate`` (when < 1).
 
 and prints a table of median step time and peak memory per rank, with the ratio to ``plain``
-measured in the same run; the JSON has every number. On CPU the memory is the peak resident
-set of each process (including torch itself, reported once as ``baseline``); on GPU it is
-``torch.cuda.max_memory_allocated``.
+measured in the same run; the JSON has every number. Peak memory is taken over the timed
+steps, so it holds the centres, their gradient and momentum and the step's temporaries, but
+not the transients of building the head: on GPU ``torch.cuda.max_memory_allocated`` (reset
+after the set-up), on CPU the peak resident set (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) above the resident set before the set-up, measured after two steps
+on a tiny head so that the code they run is already resident.
+
+``--precision`` sets the matmuls: ``32`` (full fp32), ``tf32`` (fp32 storage, TF32 tensor-core
+products on GPUs) or ``bf16-mixed`` (autocast; the softmax stays in fp32).
 
 Memory per rank (fp32, SGD with momentum), N = B·W the global batch:
 
 - parameters, gradient, momentum of the centres: 3 · (C/W) · D · 4 bytes;
-- logits and their temporaries over this rank's classes: k · N · (C/W) · 4 bytes, k the number
-  of [N, C/W] tensors alive at once (cosines, margin logits, exponentials, their gradients);
-  never N · C on one rank;
+- logits and their temporaries: k · N · min(chunk, C/W) · 4 bytes, k the number of
+  [N, chunk] tensors alive at once (cosines, margin logits, exponentials, their gradients),
+  chunk = ``--chunk-classes``; never N · C/W, let alone N · C;
 - embeddings gathered from all ranks: N · D · 4 bytes.
 
 Communication per step and rank: the all-gather of embeddings (N·D floats) and labels (N), two
-all-reduces of N floats for the normaliser (max, sum of exponentials) and one for the target
-logit, the head's statistics (N or 2N floats), and in backward the reduce-scatter of the
+all-reduces of N floats for the normaliser (max, sum of exponentials) and two for the target
+cosines (for the head's per-sample state, then with gradient), the head's statistics (N or 2N floats), and in backward the reduce-scatter of the
 gathered embeddings' gradient (N·D floats in, N·D/W out per rank: half an all-reduce's traffic).
 Independent of C: the class dimension never travels.
+
+Passes over the centres per step: the forward's norms and product (NPCFace: one more product,
+for its statistics), the backward's recomputed product, its two gradient products and the
+radial correction of the centres' gradient, chunk by chunk, and one fused SGD pass (read
+centres, gradient, momentum; write centres, momentum).
 """
 
 from __future__ import annotations
@@ -37,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -60,10 +71,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
+def _resident_bytes(field: str) -> int:
+    """A Linux memory figure of this process: ``VmRSS`` (now) or ``VmHWM`` (peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: CPU memory is measured on Linux only")
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def _peak_memory_bytes(device: torch.device, resident_before_setup: int) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _resident_bytes("VmHWM") - resident_before_setup
 
 
 def _time_steps(step, steps: int, device: torch.device) -> list[float]:
@@ -79,32 +105,43 @@ def _time_steps(step, steps: int, device: torch.device) -> list[float]:
     return times[1:]
 
 
-def _plain_step_fn(classes: int, batch: int, dim: int, device: torch.device):
+def _autocast(precision: str, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def _plain_step_fn(classes: int, batch: int, dim: int, precision: str, device: torch.device):
     head = CombinedMarginHead()
-    weight = torch.nn.Parameter(torch.randn(classes, dim, device=device) * 0.01)
+    weight = torch.nn.Parameter(torch.empty(classes, dim, device=device).normal_(0.0, 0.01))
     optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
     embeddings = torch.randn(batch, dim, device=device, requires_grad=True)
     labels = torch.randint(classes, (batch,), device=device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        cos = F.linear(F.normalize(embeddings), F.normalize(weight))
+        with _autocast(precision, device):
+            cos = F.linear(F.normalize(embeddings), F.normalize(weight)).float()
         F.cross_entropy(head(cos, labels), labels).backward()
         optimizer.step()
 
     return step
 
 
-def _model_parallel_step_fn(classes: int, batch: int, dim: int, sample_rate: float, device: torch.device):
-    softmax = ModelParallelSoftmax(classes, dim, CombinedMarginHead(), sample_rate=sample_rate).to(device)
-    optimizer = torch.optim.SGD(softmax.parameters(), lr=0.1, momentum=0.9)
+def _model_parallel_step_fn(
+    classes: int, batch: int, dim: int, sample_rate: float, chunk_classes: int, precision: str, device: torch.device
+):
+    softmax = ModelParallelSoftmax(
+        classes, dim, CombinedMarginHead(), sample_rate=sample_rate, chunk_classes=chunk_classes
+    ).to(device)
+    optimizer = torch.optim.SGD(softmax.parameters(), lr=0.1, momentum=0.9, fused=True)
     generator = torch.Generator(device=device).manual_seed(dist.get_rank() if dist.is_initialized() else 0)
     embeddings = torch.randn(batch, dim, device=device, generator=generator, requires_grad=True)
     labels = torch.randint(classes, (batch,), device=device, generator=generator)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        softmax(embeddings, labels).backward()
+        with _autocast(precision, device):
+            loss = softmax(embeddings, labels)
+        loss.backward()
         optimizer.step()
 
     return step
@@ -115,26 +152,36 @@ def _worker(rank: int, world_size: int, port: int, case: dict, out: str) -> None
     use_cuda = case["device"] == "cuda"
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     torch.set_num_threads(max(1, case["threads"] // world_size))
+    torch.set_float32_matmul_precision("high" if case["precision"] == "tf32" else "highest")
     if case["kind"] != "plain":
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    try:
+
+    def build_step(classes: int):
         if case["kind"] == "plain":
-            step = _plain_step_fn(case["classes"], case["batch"] * case["world_size"], case["dim"], device)
-        else:
-            step = _model_parallel_step_fn(case["classes"], case["batch"], case["dim"], case["sample_rate"], device)
-        result = {"times": _time_steps(step, case["steps"], device), "peak_memory": _peak_memory_bytes(device)}
+            return _plain_step_fn(classes, case["batch"] * case["world_size"], case["dim"], case["precision"], device)
+        return _model_parallel_step_fn(
+            classes, case["batch"], case["dim"], case["sample_rate"], case["chunk_classes"], case["precision"], device
+        )
+
+    try:
+        # Two steps on a tiny head first: the code the step runs is then resident (a CPU
+        # process's resident set grows by hundreds of MiB of library code on first use).
+        warm_up = build_step(8 * world_size)
+        warm_up()
+        warm_up()
+        del warm_up
+        resident_before_setup = 0 if use_cuda else _resident_bytes("VmRSS")
+        step = build_step(case["classes"])
+        _reset_peak_memory(device)
+        times = _time_steps(step, case["steps"], device)
+        result = {"times": times, "peak_memory": _peak_memory_bytes(device, resident_before_setup)}
     except torch.OutOfMemoryError:
         result = {"times": None, "peak_memory": None, "error": "out of memory"}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     Path(f"{out}.{rank}").write_text(json.dumps(result))
-
-
-def _baseline_worker(rank: int, out: str) -> None:
-    torch.zeros(1)
-    Path(f"{out}.{rank}").write_text(json.dumps({"peak_memory": _peak_memory_bytes(torch.device("cpu"))}))
 
 
 def measure(case: dict) -> dict:
@@ -150,7 +197,7 @@ def measure(case: dict) -> dict:
     return {**case, "step_time_s": statistics.median(step_times), "peak_memory_bytes": max(r["peak_memory"] for r in ranks)}
 
 
-def _format_table(rows: list[dict], baseline_memory: int | None) -> str:
+def _format_table(rows: list[dict]) -> str:
     lines = [
         "| classes | batch/rank | dim | world | head | step (ms) | x plain | peak mem/rank (MiB) | x plain |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -161,8 +208,8 @@ def _format_table(rows: list[dict], baseline_memory: int | None) -> str:
         if r.get("error"):
             lines.append(f"| {r['classes']} | {r['batch']} | {r['dim']} | {r['world_size']} | {r['kind']} | {r['error']} | | | |")
             continue
-        memory = r["peak_memory_bytes"] - (baseline_memory or 0)
-        ref_memory = None if ref is None or ref.get("error") else ref["peak_memory_bytes"] - (baseline_memory or 0)
+        memory = r["peak_memory_bytes"]
+        ref_memory = None if ref is None or ref.get("error") else ref["peak_memory_bytes"]
         time_ratio = "" if ref is None or ref.get("error") else f"{r['step_time_s'] / ref['step_time_s']:.2f}"
         memory_ratio = "" if not ref_memory else f"{memory / ref_memory:.2f}"
         lines.append(
@@ -179,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sample-rate", type=float, default=1.0, help="also measure Partial FC when < 1")
+    parser.add_argument("--chunk-classes", type=int, default=65536, help="classes per chunk of logits")
+    parser.add_argument("--precision", choices=["32", "tf32", "bf16-mixed"], default="32")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/perf/model_parallel_softmax.json"))
@@ -194,19 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                 case = {
                     "kind": kind, "classes": classes, "batch": args.batch, "dim": args.dim, "world_size": world_size,
                     "sample_rate": args.sample_rate if kind == "partial_fc" else 1.0, "steps": args.steps,
+                    "chunk_classes": args.chunk_classes, "precision": args.precision,
                     "device": args.device, "threads": torch.get_num_threads(),
                 }
                 rows.append(measure(case))
                 print(f"measured {kind} C={classes} W={world_size}", file=sys.stderr)
-    baseline = None
-    if args.device == "cpu":
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_baseline_worker, args=(os.path.join(tmp, "b"),), nprocs=1, start_method="spawn")
-            baseline = json.loads(Path(os.path.join(tmp, "b.0")).read_text())["peak_memory"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": args.device, "baseline_process_memory_bytes": baseline, "rows": rows}, indent=2))
-    print(_format_table(rows, baseline))
-    print(f"\nwritten to {args.out}" + (f"; CPU memory excludes {baseline / 2**20:.0f} MiB of process baseline" if baseline else ""))
+    args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2))
+    print(_format_table(rows))
+    print(f"\nwritten to {args.out}")
     return 0
 
 

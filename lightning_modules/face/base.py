@@ -7,9 +7,11 @@ with the 10-fold accuracy of every pair set (``val/<set>_acc``, ``val/acc`` thei
 method provides ``forward(images) -> embeddings``.
 
 Optimisation (arcface_torch ``configs/base.py``): SGD with momentum, weight decay except on
-BatchNorm, PReLU and biases, linear warm-up, then a polynomial (power 2) decay or steps.
-The subclass's ``hparams`` carry ``lr``, ``momentum``, ``weight_decay``, ``warmup_epochs``,
-``lr_schedule``, ``lr_milestones`` and ``lr_gamma``.
+BatchNorm, PReLU and biases, linear warm-up, then a polynomial (power 2) decay or steps. The
+SGD is torch's fused implementation: weight decay, momentum and update in one pass over each
+parameter, which matters for millions of class centres. The subclass's ``hparams`` carry
+``lr``, ``momentum``, ``weight_decay``, ``warmup_epochs``, ``lr_schedule``, ``lr_milestones``
+and ``lr_gamma``.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class FaceRecognitionModule(LightningModule):
         decay, no_decay = self._parameter_groups()
         optimizer = torch.optim.SGD(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, momentum=hp.momentum,
+            lr=hp.lr, momentum=hp.momentum, fused=True,  # one pass over each parameter and its momentum
         )
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)

@@ -8,7 +8,8 @@ from benchmarks.perf import model_parallel_softmax
 def test_model_parallel_softmax_perf_script(tmp_path, capsys):
     out = tmp_path / "perf.json"
     model_parallel_softmax.main(["--classes", "300", "--batch", "4", "--dim", "16", "--world-sizes", "2",
-                                 "--sample-rate", "0.5", "--steps", "1", "--device", "cpu", "--out", str(out)])
+                                 "--sample-rate", "0.5", "--chunk-classes", "64", "--precision", "bf16-mixed",
+                                 "--steps", "1", "--device", "cpu", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["plain", "model_parallel", "partial_fc"]
     assert all(r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
