@@ -338,6 +338,7 @@ class ModelParallelSoftmax(nn.Module):
             features, centres, *targets, functools.partial(self.head.negative_logits, state=state), self.chunk_classes
         )
         target_logit = self.head.target_logit(self._all_target_cosines(own_cos, targets[0], labels.shape[0]), state)
+        # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
         return self.head.loss(target_logit - torch.logaddexp(target_logit, negatives)).mean()
 
     @staticmethod
