@@ -419,3 +419,17 @@ def test_search_softmax_loss_matches_formula_and_stays_finite_when_p_underflows(
     assert torch.allclose(loss[0], torch.tensor(1e4 + math.log(1 - alpha), dtype=torch.float64))
     with pytest.raises(ValueError, match="a <= 0"):
         head.a = 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sample_rate": 0.0}, "sample_rate must be in"),
+        ({"knn_neighbours": -1}, "knn_neighbours must be >= 0"),
+        ({"sample_rate": 0.5, "knn_neighbours": 3}, "choose one class selection"),
+        ({"chunk_classes": 0}, "chunk_classes must be >= 1"),
+    ],
+)
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        ModelParallelSoftmax(NUM_CLASSES, DIM, SoftmaxHead(), **options)
