@@ -120,7 +120,7 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
     """This shard's terms of the softmax loss, computed chunk by chunk:
 
     - the target cosines [n] of the samples ``target_rows`` whose class (``target_cols``) the
-      shard owns;
+      shard owns: ``target_cos``, taken by the caller without gradient, returned with it;
     - log Σ_{j ≠ y_i} exp(z_ij) [N] over the negative classes of every shard, z the head's
       ``logits_fn`` of the cosines: an online log-sum-exp over the shard's chunks (running
       max, rescaled sum), then all-reduces of the max and of the sum.
@@ -133,9 +133,8 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, centres, target_rows, target_cols, logits_fn, chunk_classes):
+    def forward(ctx, features, centres, target_rows, target_cols, target_cos, logits_fn, chunk_classes):
         inverse_norms = _inverse_norms(centres)
-        target_cos = _target_cosines(features, centres, target_rows, target_cols)
         row_max = features.new_full(features.shape[:1], -math.inf, dtype=inverse_norms.dtype)
         row_sum = torch.zeros_like(row_max)
         for start, end in _chunks(centres.shape[0], chunk_classes):
@@ -147,16 +146,16 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
             row_max = new_max
         shift = _finite_or_zero(all_reduce_max(row_max))
         log_sum_exp = shift + all_reduce_sum(row_sum * (row_max - shift).exp()).log()
-        ctx.save_for_backward(features, centres, inverse_norms, target_rows, target_cols, log_sum_exp)
+        ctx.save_for_backward(features, centres, inverse_norms, target_rows, target_cols, target_cos, log_sum_exp)
         ctx.logits_fn, ctx.chunk_classes = logits_fn, chunk_classes
         ctx.autocast = [
             (device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)
         ]
-        return target_cos, log_sum_exp
+        return target_cos.clone(), log_sum_exp
 
     @staticmethod
     def backward(ctx, grad_target_cos: Tensor, grad_log_sum_exp: Tensor):
-        features, centres, inverse_norms, target_rows, target_cols, log_sum_exp = ctx.saved_tensors
+        features, centres, inverse_norms, target_rows, target_cols, target_cos, log_sum_exp = ctx.saved_tensors
         grad_features = torch.zeros_like(features)
         grad_centres = torch.empty_like(centres)
         shift = _finite_or_zero(log_sum_exp)[:, None]
@@ -178,12 +177,11 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
                 grad_centres[start:end].addcmul_(chunk, radial[:, None], value=-1)
         # The owned samples' target cosines t = f·w / ‖w‖: the same rule, a few rows added in place.
         own, own_inverse_norms = centres[target_cols], inverse_norms[target_cols]
-        target_cos = _target_cosines(features, centres, target_rows, target_cols)
         scaled = (grad_target_cos * own_inverse_norms)[:, None]
         radial = scaled * (target_cos * own_inverse_norms)[:, None]
         grad_features.index_add_(0, target_rows, (scaled * own).to(grad_features.dtype))
         grad_centres.index_add_(0, target_cols, (scaled * features[target_rows] - radial * own).to(grad_centres.dtype))
-        return grad_features, grad_centres, None, None, None, None
+        return grad_features, grad_centres, None, None, None, None, None
 
 
 class ModelParallelSoftmax(nn.Module):
@@ -332,10 +330,12 @@ class ModelParallelSoftmax(nn.Module):
         owned = (labels >= self.start) & (labels < self.end)
         targets = owned.nonzero().squeeze(1), column[owned]
         with torch.no_grad():
-            cos_y = self._all_target_cosines(_target_cosines(features, centres, *targets), targets[0], labels.shape[0])
+            own_cos = _target_cosines(features, centres, *targets)
+            cos_y = self._all_target_cosines(own_cos, targets[0], labels.shape[0])
         state = self.head.row_state(cos_y, functools.partial(self._sum_over_negatives, features, centres, targets))
         own_cos, negatives = _ShardSoftmaxTerms.apply(
-            features, centres, *targets, functools.partial(self.head.negative_logits, state=state), self.chunk_classes
+            features, centres, *targets, own_cos, functools.partial(self.head.negative_logits, state=state),
+            self.chunk_classes,
         )
         target_logit = self.head.target_logit(self._all_target_cosines(own_cos, targets[0], labels.shape[0]), state)
         # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
