@@ -9,8 +9,16 @@ from its own shard, each rank back-propagates its copy (see
 from __future__ import annotations
 
 import torch
+import torch._dynamo  # noqa: F401  before any process group exists, see below
 import torch.distributed as dist
 from torch import Tensor
+
+# Importing torch._dynamo (torch.compile; torch.optim on its first step) after
+# init_process_group keeps the default process group referenced (torch 2.14), so that
+# destroy_process_group no longer stops gloo's worker threads. The reduce-scatter launched in
+# a backward (all_gather_with_grad) holds a Python object that such a thread may then release
+# while the interpreter exits: std::terminate, SIGABRT, in about one exit of ten on 2 gloo
+# ranks. Importing it with this module, before any process group exists, avoids it.
 
 
 def world_info() -> tuple[int, int]:
@@ -53,7 +61,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         # only: a reduce-scatter (half the traffic of an all-reduce).
         grad = grad.contiguous()
         mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(mine, grad)
+        dist.reduce_scatter_single(mine, grad)
         return mine
 
 

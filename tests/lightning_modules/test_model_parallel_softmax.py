@@ -8,6 +8,8 @@ head, cross entropy. The margin heads are also checked against their formulas on
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -278,6 +280,32 @@ def test_checkpoint_round_trip_across_world_sizes(runs):
 def test_all_gather_of_unequal_sizes_is_a_clear_error(runs, world_size):
     for result in runs[world_size]:
         assert "same shape on every rank" in result["unequal_gather_error"]
+
+
+_GLOO_THREADS_AFTER_DESTROY = """
+import os, socket, torch
+import lightning_modules.distributed.comm  # what a training script imports before the group
+import torch.distributed as dist
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+import torch._dynamo  # as torch.optim does on its first step
+dist.destroy_process_group()
+names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print(sum("gloo" in name for name in names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from /proc")
+def test_destroying_the_process_group_stops_gloo_threads():
+    """With the collectives imported before the group exists, a later import of torch._dynamo
+    does not keep the group alive: destroy_process_group stops its gloo threads, which, left
+    running, can abort the process at exit (see ``comm``'s note)."""
+    result = subprocess.run([sys.executable, "-c", _GLOO_THREADS_AFTER_DESTROY], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "0", result.stdout
 
 
 # ------------------------------------------------------------------------ one process
