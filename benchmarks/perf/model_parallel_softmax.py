@@ -10,7 +10,8 @@ processes, one training step (forward, backward, SGD-with-momentum update of the
   batch N = B·W, then cross-entropy with the ArcFace margin (the single-device baseline);
 - ``model_parallel``: W processes (gloo on CPU, NCCL on GPUs), each holding C/W centres, as
   :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax` computes it
-  (``--chunk-classes`` classes of logits at a time) and updated by the recipe's fused SGD;
+  (``--chunk-classes`` classes of logits at a time, the element-wise work between the
+  products compiled on GPUs or with ``--compile-chunks``) and updated by the recipe's fused SGD;
 - ``partial_fc``: the same with ``--sample-rate`` (when < 1).
 
 and prints a table of median step time and peak memory per rank, with the ratio to ``plain``
@@ -28,7 +29,8 @@ Memory per rank (fp32, SGD with momentum), N = B·W the global batch:
 
 - parameters, gradient, momentum of the centres: 3 · (C/W) · D · 4 bytes;
 - logits and their temporaries: k · N · min(chunk, C/W) · 4 bytes, k the number of
-  [N, chunk] tensors alive at once (cosines, margin logits, exponentials, their gradients),
+  [N, chunk] tensors alive at once: about 2 with compiled chunks (the products f·wᵀ and the
+  gradient Ĝ), a few more op by op (cosines, margin logits, exponentials, their gradients),
   chunk = ``--chunk-classes``; never N · C/W, let alone N · C;
 - embeddings gathered from all ranks: N · D · 4 bytes.
 
@@ -94,7 +96,7 @@ def _peak_memory_bytes(device: torch.device, resident_before_setup: int) -> int:
 
 def _time_steps(step, steps: int, device: torch.device) -> list[float]:
     times = []
-    for _ in range(steps + 1):  # the first step warms up and is dropped
+    for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -102,7 +104,7 @@ def _time_steps(step, steps: int, device: torch.device) -> list[float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return times[1:]
+    return times
 
 
 def _autocast(precision: str, device: torch.device) -> torch.autocast:
@@ -126,11 +128,10 @@ def _plain_step_fn(classes: int, batch: int, dim: int, precision: str, device: t
     return step
 
 
-def _model_parallel_step_fn(
-    classes: int, batch: int, dim: int, sample_rate: float, chunk_classes: int, precision: str, device: torch.device
-):
+def _model_parallel_step_fn(classes: int, batch: int, dim: int, case: dict, device: torch.device):
     softmax = ModelParallelSoftmax(
-        classes, dim, CombinedMarginHead(), sample_rate=sample_rate, chunk_classes=chunk_classes
+        classes, dim, CombinedMarginHead(), sample_rate=case["sample_rate"], chunk_classes=case["chunk_classes"],
+        compile_chunks=case["compile_chunks"],
     ).to(device)
     optimizer = torch.optim.SGD(softmax.parameters(), lr=0.1, momentum=0.9, fused=True)
     generator = torch.Generator(device=device).manual_seed(dist.get_rank() if dist.is_initialized() else 0)
@@ -139,7 +140,7 @@ def _model_parallel_step_fn(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(precision, device):
+        with _autocast(case["precision"], device):
             loss = softmax(embeddings, labels)
         loss.backward()
         optimizer.step()
@@ -160,9 +161,7 @@ def _worker(rank: int, world_size: int, port: int, case: dict, out: str) -> None
     def build_step(classes: int):
         if case["kind"] == "plain":
             return _plain_step_fn(classes, case["batch"] * case["world_size"], case["dim"], case["precision"], device)
-        return _model_parallel_step_fn(
-            classes, case["batch"], case["dim"], case["sample_rate"], case["chunk_classes"], case["precision"], device
-        )
+        return _model_parallel_step_fn(classes, case["batch"], case["dim"], case, device)
 
     try:
         # Two steps on a tiny head first: the code the step runs is then resident (a CPU
@@ -173,6 +172,7 @@ def _worker(rank: int, world_size: int, port: int, case: dict, out: str) -> None
         del warm_up
         resident_before_setup = 0 if use_cuda else _resident_bytes("VmRSS")
         step = build_step(case["classes"])
+        step()  # untimed: allocates the momentum, compiles the chunks' kernels for their shapes
         _reset_peak_memory(device)
         times = _time_steps(step, case["steps"], device)
         result = {"times": times, "peak_memory": _peak_memory_bytes(device, resident_before_setup)}
@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-rate", type=float, default=1.0, help="also measure Partial FC when < 1")
     parser.add_argument("--chunk-classes", type=int, default=65536, help="classes per chunk of logits")
     parser.add_argument("--precision", choices=["32", "tf32", "bf16-mixed"], default="32")
+    parser.add_argument(
+        "--compile-chunks", action=argparse.BooleanOptionalAction, default=None,
+        help="fuse the element-wise work of each chunk with torch.compile (default: the head's, on GPUs)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/perf/model_parallel_softmax.json"))
@@ -243,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                 case = {
                     "kind": kind, "classes": classes, "batch": args.batch, "dim": args.dim, "world_size": world_size,
                     "sample_rate": args.sample_rate if kind == "partial_fc" else 1.0, "steps": args.steps,
-                    "chunk_classes": args.chunk_classes, "precision": args.precision,
+                    "chunk_classes": args.chunk_classes, "compile_chunks": args.compile_chunks,
+                    "precision": args.precision,
                     "device": args.device, "threads": torch.get_num_threads(),
                 }
                 rows.append(measure(case))

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,16 @@ def _target_cosines(features: Tensor, centres: Tensor, rows: Tensor, cols: Tenso
     return (features[rows] * own).sum(1).to(torch.promote_types(own.dtype, torch.float32)) * _inverse_norms(own)
 
 
-def _targets_in_chunk(target_rows: Tensor, target_cols: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
-    """(rows, columns within the chunk) of the targets among the chunk's classes [start, end)."""
-    inside = (target_cols >= start) & (target_cols < end)
-    return target_rows[inside], target_cols[inside] - start
+def _owned(target_columns: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of the samples whose class the shard owns, from ``target_columns``."""
+    rows = (target_columns >= 0).nonzero().squeeze(1)
+    return rows, target_columns[rows]
+
+
+def _is_target(target_columns: Tensor, num_columns: int) -> Tensor:
+    """[N, c] mask of each sample's own class among ``num_columns`` columns, from the
+    samples' target columns relative to the first one (outside [0, c): none)."""
+    return torch.arange(num_columns, device=target_columns.device) == target_columns[:, None]
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:
@@ -111,43 +118,84 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _without_targets(logits: Tensor, targets: tuple[Tensor, Tensor]) -> Tensor:
-    """``logits`` [N, c] of one chunk with -inf at the samples' own classes ``targets``."""
-    return logits.index_put(targets, logits.new_tensor(-math.inf))
+def _chunk_negative_logits(cos: Tensor, target_columns: Tensor, head: MarginHead, state: Any) -> Tensor:
+    """The head's logits [N, c] of a chunk's cosines, -inf at the samples' own classes."""
+    return torch.where(_is_target(target_columns, cos.shape[1]), -math.inf, head.negative_logits(cos, state))
+
+
+def _accumulate_chunk(
+    products: Tensor, inverse_norms: Tensor, target_columns: Tensor, head: MarginHead, state: Any,
+    row_max: Tensor, row_sum: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One step of the online log-sum-exp over a chunk's negative logits: from the products
+    f·w [N, c] and the centres' inverse norms [c], the new running max and the running sum of
+    exp(z − max), rescaled to the new max. Element-wise and row reductions only."""
+    logits = _chunk_negative_logits(products.to(inverse_norms.dtype) * inverse_norms, target_columns, head, state)
+    new_max = torch.maximum(row_max, logits.amax(1))
+    shift = _finite_or_zero(new_max)
+    return new_max, row_sum * (row_max - shift).exp() + (logits - shift[:, None]).exp().sum(1)
+
+
+def _chunk_cosine_gradient(
+    products: Tensor, inverse_norms: Tensor, target_columns: Tensor, head: MarginHead, state: Any,
+    log_sum_exp: Tensor, grad_log_sum_exp: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The chunk's gradient through the cosines: Ĝ = (∂L/∂cos) / ‖w‖ [N, c], in the products'
+    dtype (the operand of the two gradient products), and (Σ_i Ĝ_ij cos_ij) / ‖w_j‖ [c]. The
+    head's derivative is taken by ``torch.func.vjp``; its cotangent is the softmax
+    exp(z − log Σ exp) times the incoming gradient. Element-wise and column reductions only."""
+    cos = products.to(inverse_norms.dtype) * inverse_norms
+    logits, pullback = torch.func.vjp(lambda c: _chunk_negative_logits(c, target_columns, head, state), cos)
+    (grad_cos,) = pullback(grad_log_sum_exp[:, None] * (logits - _finite_or_zero(log_sum_exp)[:, None]).exp())
+    scaled = grad_cos * inverse_norms
+    return scaled.to(products.dtype), (scaled * cos).sum(0) * inverse_norms
+
+
+class _ChunkSteps(NamedTuple):
+    accumulate: Callable[..., tuple[Tensor, Tensor]]
+    cosine_gradient: Callable[..., tuple[Tensor, Tensor]]
+
+
+@functools.cache
+def _chunk_steps(compiled: bool) -> _ChunkSteps:
+    """The per-chunk element-wise steps, as written (eager: several passes over [N, c]) or
+    compiled by ``torch.compile`` (fused: one kernel, or a few, per step)."""
+    steps = _ChunkSteps(_accumulate_chunk, _chunk_cosine_gradient)
+    return _ChunkSteps(*map(torch.compile, steps)) if compiled else steps
 
 
 class _ShardSoftmaxTerms(torch.autograd.Function):
     """This shard's terms of the softmax loss, computed chunk by chunk:
 
-    - the target cosines [n] of the samples ``target_rows`` whose class (``target_cols``) the
-      shard owns: ``target_cos``, taken by the caller without gradient, returned with it;
-    - log Σ_{j ≠ y_i} exp(z_ij) [N] over the negative classes of every shard, z the head's
-      ``logits_fn`` of the cosines: an online log-sum-exp over the shard's chunks (running
-      max, rescaled sum), then all-reduces of the max and of the sum.
+    - the target cosines [n] of the samples whose class the shard owns (``target_columns``
+      [N]: a sample's column in ``centres``, -1 if another shard owns its class):
+      ``target_cos``, taken by the caller without gradient, returned with it;
+    - log Σ_{j ≠ y_i} exp(z_ij) [N] over the negative classes of every shard, z the ``head``'s
+      negative logits of the cosines given ``state``: an online log-sum-exp over the shard's
+      chunks (running max, rescaled sum), then all-reduces of the max and of the sum.
 
     Temporaries are [N, chunk] and [chunk, D], never [N, classes of the shard], and the only
-    tensor of the centres' size is their gradient, written chunk by chunk. The backward
-    recomputes each chunk's cosines (one more product, instead of storing them), takes the
-    head's element-wise derivative G = ∂L/∂cos by autograd and, with Ĝ_ij = G_ij / ‖w_j‖,
-    ∂L/∂f_i = Σ_j Ĝ_ij w_j and ∂L/∂w_j = Σ_i Ĝ_ij f_i − w_j (Σ_i Ĝ_ij cos_ij) / ‖w_j‖.
+    tensor of the centres' size is their gradient, written chunk by chunk. Each chunk is one
+    product f·wᵀ followed by element-wise ``steps`` (:func:`_chunk_steps`). The backward
+    recomputes each chunk's products (one more product, instead of storing the logits) and,
+    with Ĝ_ij = (∂L/∂cos_ij) / ‖w_j‖, ∂L/∂f_i = Σ_j Ĝ_ij w_j and
+    ∂L/∂w_j = Σ_i Ĝ_ij f_i − w_j (Σ_i Ĝ_ij cos_ij) / ‖w_j‖.
     """
 
     @staticmethod
-    def forward(ctx, features, centres, target_rows, target_cols, target_cos, logits_fn, chunk_classes):
+    def forward(ctx, features, centres, target_columns, target_cos, head, state, chunk_classes, steps):
         inverse_norms = _inverse_norms(centres)
         row_max = features.new_full(features.shape[:1], -math.inf, dtype=inverse_norms.dtype)
         row_sum = torch.zeros_like(row_max)
         for start, end in _chunks(centres.shape[0], chunk_classes):
-            cos = _cosines(features, centres[start:end], inverse_norms[start:end])
-            logits = _without_targets(logits_fn(cos), _targets_in_chunk(target_rows, target_cols, start, end))
-            new_max = torch.maximum(row_max, logits.amax(1))
-            shift = _finite_or_zero(new_max)
-            row_sum = row_sum * (row_max - shift).exp() + (logits - shift[:, None]).exp().sum(1)
-            row_max = new_max
+            row_max, row_sum = steps.accumulate(
+                features @ centres[start:end].T, inverse_norms[start:end], target_columns - start, head, state,
+                row_max, row_sum,
+            )
         shift = _finite_or_zero(all_reduce_max(row_max))
         log_sum_exp = shift + all_reduce_sum(row_sum * (row_max - shift).exp()).log()
-        ctx.save_for_backward(features, centres, inverse_norms, target_rows, target_cols, target_cos, log_sum_exp)
-        ctx.logits_fn, ctx.chunk_classes = logits_fn, chunk_classes
+        ctx.save_for_backward(features, centres, inverse_norms, target_columns, target_cos, log_sum_exp)
+        ctx.head, ctx.state, ctx.chunk_classes, ctx.steps = head, state, chunk_classes, steps
         ctx.autocast = [
             (device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)
         ]
@@ -155,33 +203,29 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_target_cos: Tensor, grad_log_sum_exp: Tensor):
-        features, centres, inverse_norms, target_rows, target_cols, target_cos, log_sum_exp = ctx.saved_tensors
+        features, centres, inverse_norms, target_columns, target_cos, log_sum_exp = ctx.saved_tensors
         grad_features = torch.zeros_like(features)
         grad_centres = torch.empty_like(centres)
-        shift = _finite_or_zero(log_sum_exp)[:, None]
         with contextlib.ExitStack() as autocast:
-            for device, dtype in ctx.autocast:  # recompute the cosines exactly as the forward did
+            for device, dtype in ctx.autocast:  # recompute the products exactly as the forward did
                 autocast.enter_context(torch.autocast(device, dtype))
             for start, end in _chunks(centres.shape[0], ctx.chunk_classes):
-                chunk, chunk_inverse_norms = centres[start:end], inverse_norms[start:end]
-                cos = _cosines(features, chunk, chunk_inverse_norms).requires_grad_()
-                with torch.enable_grad():
-                    targets = _targets_in_chunk(target_rows, target_cols, start, end)
-                    logits = _without_targets(ctx.logits_fn(cos), targets)
-                    softmax = (logits.detach() - shift).exp()
-                    (grad_cos,) = torch.autograd.grad(logits, cos, grad_log_sum_exp[:, None] * softmax)
-                scaled = grad_cos * chunk_inverse_norms  # Ĝ
+                chunk = centres[start:end]
+                scaled, radial = ctx.steps.cosine_gradient(  # Ĝ and (Σ_i Ĝ_ij cos_ij) / ‖w_j‖
+                    features @ chunk.T, inverse_norms[start:end], target_columns - start, ctx.head, ctx.state,
+                    log_sum_exp, grad_log_sum_exp,
+                )
                 grad_features += scaled @ chunk
-                radial = (scaled * cos.detach()).sum(0) * chunk_inverse_norms
                 grad_centres[start:end] = scaled.T @ features
                 grad_centres[start:end].addcmul_(chunk, radial[:, None], value=-1)
         # The owned samples' target cosines t = f·w / ‖w‖: the same rule, a few rows added in place.
+        target_rows, target_cols = _owned(target_columns)
         own, own_inverse_norms = centres[target_cols], inverse_norms[target_cols]
         scaled = (grad_target_cos * own_inverse_norms)[:, None]
         radial = scaled * (target_cos * own_inverse_norms)[:, None]
         grad_features.index_add_(0, target_rows, (scaled * own).to(grad_features.dtype))
         grad_centres.index_add_(0, target_cols, (scaled * features[target_rows] - radial * own).to(grad_centres.dtype))
-        return grad_features, grad_centres, None, None, None, None, None
+        return grad_features, grad_centres, None, None, None, None, None, None
 
 
 class ModelParallelSoftmax(nn.Module):
@@ -199,7 +243,12 @@ class ModelParallelSoftmax(nn.Module):
     taken ``chunk_classes`` at a time (:class:`_ShardSoftmaxTerms`), so no rank holds the
     logits of its whole shard: temporaries are O(global batch × chunk_classes), and no
     normalised copy of the centres is made. Heads that sum over negatives (NPCFace) take one
-    more pass over the chunks, without gradient.
+    more pass over the chunks, without gradient. With ``compile_chunks`` (default: on GPUs),
+    the element-wise work between a chunk's products (normalise, margin, mask, exp, row sums;
+    in the backward the head's derivative and the column sums) is compiled by
+    ``torch.compile`` into fused kernels; the first steps then pay the compilation (seconds
+    to a minute, once per process and chunk shape), and a C++ compiler (CPU) or Triton (GPU)
+    is needed. ``compile_chunks=False`` runs the same code op by op.
 
     The centres are model-parallel (:meth:`model_parallel_parameter_names`): exclude them
     from DDP's gradient all-reduce. Build the module once torch.distributed is initialised
@@ -227,6 +276,7 @@ class ModelParallelSoftmax(nn.Module):
         knn_neighbours: int = 0,
         seed: int = 0,
         chunk_classes: int = 65536,
+        compile_chunks: bool | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -243,13 +293,15 @@ class ModelParallelSoftmax(nn.Module):
         self.sample_rate = sample_rate
         self.knn_neighbours = knn_neighbours
         self.chunk_classes = chunk_classes
+        self.compile_chunks = compile_chunks
         self.head = head
         self.weight = nn.Parameter(_initial_centres(num_classes, self.start, self.end, embedding_size, seed))
 
     def extra_repr(self) -> str:
         return (
             f"classes [{self.start}, {self.end}) of {self.num_classes}, sample_rate={self.sample_rate}, "
-            f"knn_neighbours={self.knn_neighbours}, chunk_classes={self.chunk_classes}"
+            f"knn_neighbours={self.knn_neighbours}, "
+            f"chunk_classes={self.chunk_classes}, compile_chunks={self.compile_chunks}"
         )
 
     def model_parallel_parameter_names(self) -> list[str]:
@@ -277,15 +329,15 @@ class ModelParallelSoftmax(nn.Module):
         classes among its K nearest over all shards; two passes over the chunks."""
         classes = torch.unique(labels)
         owned = (classes >= self.start) & (classes < self.end)
-        own_rows, own_cols = owned.nonzero().squeeze(1), classes[owned] - self.start
+        own_columns = torch.where(owned, classes - self.start, -1)  # -inf to itself: not its own neighbour
         centres = self.weight.new_zeros(classes.numel(), self.weight.shape[1])
-        centres[owned] = F.normalize(self.weight[own_cols], dim=1)
+        centres[owned] = F.normalize(self.weight[own_columns[owned]], dim=1)
         centres = all_reduce_sum(centres)
         inverse_norms = _inverse_norms(self.weight)
 
-        def similarity(start: int, end: int) -> Tensor:  # -inf to itself: not its own neighbour
+        def similarity(start: int, end: int) -> Tensor:
             cos = _cosines(centres, self.weight[start:end], inverse_norms[start:end])
-            return _without_targets(cos, _targets_in_chunk(own_rows, own_cols, start, end))
+            return cos.masked_fill(_is_target(own_columns - start, end - start), -math.inf)
 
         k = self.knn_neighbours
         local_top = centres.new_full((classes.numel(), k), -math.inf)
@@ -302,7 +354,7 @@ class ModelParallelSoftmax(nn.Module):
 
     @torch.no_grad()
     def _sum_over_negatives(
-        self, features: Tensor, centres: Tensor, targets: tuple[Tensor, Tensor], statistic: NegativeStatistic
+        self, features: Tensor, centres: Tensor, target_columns: Tensor, statistic: NegativeStatistic
     ) -> Tensor:
         """A head's per-sample statistic summed over the negative classes of every shard."""
         no_classes = features.new_zeros(features.shape[0], 0)
@@ -310,9 +362,7 @@ class ModelParallelSoftmax(nn.Module):
         inverse_norms = _inverse_norms(centres)
         for start, end in _chunks(centres.shape[0], self.chunk_classes):
             cos = _cosines(features, centres[start:end], inverse_norms[start:end])
-            negative = torch.ones_like(cos, dtype=torch.bool)
-            negative[_targets_in_chunk(*targets, start, end)] = False
-            total = total + statistic(cos, negative)
+            total = total + statistic(cos, ~_is_target(target_columns - start, end - start))
         return all_reduce_sum(total)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -328,16 +378,18 @@ class ModelParallelSoftmax(nn.Module):
             centres = centres[active]
             column = torch.searchsorted(active, column)
         owned = (labels >= self.start) & (labels < self.end)
-        targets = owned.nonzero().squeeze(1), column[owned]
+        target_columns = torch.where(owned, column, -1)
+        target_rows, own_columns = _owned(target_columns)
         with torch.no_grad():
-            own_cos = _target_cosines(features, centres, *targets)
-            cos_y = self._all_target_cosines(own_cos, targets[0], labels.shape[0])
-        state = self.head.row_state(cos_y, functools.partial(self._sum_over_negatives, features, centres, targets))
+            own_cos = _target_cosines(features, centres, target_rows, own_columns)
+            cos_y = self._all_target_cosines(own_cos, target_rows, labels.shape[0])
+        sum_over_negatives = functools.partial(self._sum_over_negatives, features, centres, target_columns)
+        state = self.head.row_state(cos_y, sum_over_negatives)
         own_cos, negatives = _ShardSoftmaxTerms.apply(
-            features, centres, *targets, own_cos, functools.partial(self.head.negative_logits, state=state),
-            self.chunk_classes,
+            features, centres, target_columns, own_cos, self.head, state, self.chunk_classes,
+            _chunk_steps(self.weight.is_cuda if self.compile_chunks is None else self.compile_chunks),
         )
-        target_logit = self.head.target_logit(self._all_target_cosines(own_cos, targets[0], labels.shape[0]), state)
+        target_logit = self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state)
         # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
         return self.head.loss(target_logit - torch.logaddexp(target_logit, negatives)).mean()
 

@@ -9,7 +9,9 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
 3. The centres live in :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax`:
    each rank owns a contiguous slice, embeddings are all-gathered, and the loss equals the
    single-device softmax. Logits are computed ``chunk_classes`` classes at a time, so that a
-   rank's temporaries are (global batch × chunk_classes), whatever its share of the classes.
+   rank's temporaries are (global batch × chunk_classes), whatever its share of the classes,
+   and the element-wise work of each chunk is fused by ``torch.compile`` (``compile_chunks``,
+   default: on GPUs).
    The centres are kept out of DDP's gradient all-reduce, and a checkpoint holds them whole,
    so that it resumes on any number of ranks.
 4. Validation follows insightface ``eval/verification.py`` (:mod:`lightning_modules.face.base`):
@@ -54,6 +56,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         sample_rate: float = 1.0,
         knn_neighbours: int = 0,
         chunk_classes: int = 65536,
+        compile_chunks: bool | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -80,7 +83,8 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
             return
         hp = self.hparams
         self.softmax = ModelParallelSoftmax(
-            hp.num_classes, hp.embedding_size, self.head, hp.sample_rate, hp.knn_neighbours, hp.seed, hp.chunk_classes
+            hp.num_classes, hp.embedding_size, self.head, hp.sample_rate, hp.knn_neighbours, hp.seed, hp.chunk_classes,
+            hp.compile_chunks,
         )
         ignored = [f"softmax.{name}" for name in self.softmax.model_parallel_parameter_names()]
         ignored += [f"softmax.head.{name}" for name, _ in self.head.named_buffers()]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -358,7 +359,35 @@ def test_only_the_centres_gradient_is_allocated_whole(name):
     assert allocations.shapes == [(NUM_CLASSES, DIM)]
 
 
-def test_chunked_backward_recomputes_the_logits_under_the_forward_autocast():
+def _step_with_compiled_chunks(problem: dict[str, Tensor], name: str, compiled: bool | None) -> tuple[Tensor, ...]:
+    """Loss, embedding gradient and centres' gradient of one training step in chunks of 4."""
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), chunk_classes=4, compile_chunks=compiled).double()
+    with torch.no_grad():
+        model.weight.copy_(problem["weight"])
+    embeddings = _backbone(problem)(problem["x"]).detach().requires_grad_()
+    loss = model(embeddings, problem["labels"])
+    loss.backward()
+    return loss.detach(), embeddings.grad, model.weight.grad
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_compiled_chunks_equal_the_eager_ones(name):
+    """torch.compile's fused chunks give the loss and gradients of the op-by-op chunks (the
+    default on CPU): two graphs (forward and backward steps), each for the full chunks and
+    for the last, partial one."""
+    torch._dynamo.reset()
+    counters.clear()
+    problem = _problem()
+    eager = _step_with_compiled_chunks(problem, name, compiled=None)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = _step_with_compiled_chunks(problem, name, compiled=True)
+    assert counters["stats"]["unique_graphs"] == 4  # compiled, not fallen back to eager
+    for got, want, what in zip(compiled, eager, ("loss", "embedding grad", "centre grad")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_backward_recomputes_the_logits_under_the_forward_autocast(compiled):
     """Under bf16 autocast the chunks' gradients equal autograd through the same bf16 logits
     computed whole, up to the target cosine, which the model-parallel head takes in fp32
     (0.3% of the largest gradient). Recomputing the logits in fp32 would be 30% off."""
@@ -372,7 +401,7 @@ def test_chunked_backward_recomputes_the_logits_under_the_forward_autocast():
         x = embeddings.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if chunk:
-                model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, chunk_classes=chunk)
+                model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, chunk_classes=chunk, compile_chunks=compiled)
                 model.weight = nn.Parameter(weight)
                 loss = model(x, labels)
             else:
