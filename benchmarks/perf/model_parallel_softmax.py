@@ -107,6 +107,20 @@ def _time_steps(step, steps: int, device: torch.device) -> list[float]:
     return times
 
 
+def _write_profile(step, device: torch.device, path: Path) -> None:
+    """torch.profiler's table of one step's operators (and kernels), by total time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60))
+
+
 def _autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
@@ -176,6 +190,9 @@ def _worker(rank: int, world_size: int, port: int, case: dict, out: str) -> None
         _reset_peak_memory(device)
         times = _time_steps(step, case["steps"], device)
         result = {"times": times, "peak_memory": _peak_memory_bytes(device, resident_before_setup)}
+        if case["profile"] is not None:
+            name = f"{case['kind']}_C{case['classes']}_W{world_size}_{case['precision']}_r{rank}.txt"
+            _write_profile(step, device, Path(case["profile"]) / name)
     except torch.OutOfMemoryError:
         result = {"times": None, "peak_memory": None, "error": "out of memory"}
     finally:
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/perf/model_parallel_softmax.json"))
+    parser.add_argument("--profile", type=Path, help="also write each case's torch.profiler table of one step here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and max(args.world_sizes) > torch.cuda.device_count():
         parser.error(f"--world-sizes {max(args.world_sizes)} needs as many GPUs; {torch.cuda.device_count()} found")
@@ -250,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     "chunk_classes": args.chunk_classes, "compile_chunks": args.compile_chunks,
                     "precision": args.precision,
                     "device": args.device, "threads": torch.get_num_threads(),
+                    "profile": None if args.profile is None else str(args.profile),
                 }
                 rows.append(measure(case))
                 print(f"measured {kind} C={classes} W={world_size}", file=sys.stderr)

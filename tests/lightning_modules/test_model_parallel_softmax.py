@@ -359,15 +359,19 @@ def test_only_the_centres_gradient_is_allocated_whole(name):
     assert allocations.shapes == [(NUM_CLASSES, DIM)]
 
 
-def _step_with_compiled_chunks(problem: dict[str, Tensor], name: str, compiled: bool | None) -> tuple[Tensor, ...]:
-    """Loss, embedding gradient and centres' gradient of one training step in chunks of 4."""
-    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), chunk_classes=4, compile_chunks=compiled).double()
+def _step_with_compiled_chunks(
+    problem: dict[str, Tensor], name: str, compiled: bool | None, device: str = "cpu", dtype=torch.float64
+) -> tuple[Tensor, ...]:
+    """Loss, embedding gradient and centres' gradient of one training step in chunks of 4,
+    on ``device`` in ``dtype``, returned on the CPU in float64."""
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), chunk_classes=4, compile_chunks=compiled)
+    model = model.to(device, dtype)
     with torch.no_grad():
         model.weight.copy_(problem["weight"])
-    embeddings = _backbone(problem)(problem["x"]).detach().requires_grad_()
-    loss = model(embeddings, problem["labels"])
+    embeddings = _backbone(problem)(problem["x"]).detach().to(device, dtype).requires_grad_()
+    loss = model(embeddings, problem["labels"].to(device))
     loss.backward()
-    return loss.detach(), embeddings.grad, model.weight.grad
+    return tuple(t.detach().cpu().double() for t in (loss, embeddings.grad, model.weight.grad))
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -384,6 +388,22 @@ def test_compiled_chunks_equal_the_eager_ones(name):
     assert counters["stats"]["unique_graphs"] == 4  # compiled, not fallen back to eager
     for got, want, what in zip(compiled, eager, ("loss", "embedding grad", "centre grad")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", HEADS)
+def test_cuda_chunks_equal_the_cpu_ones(name):
+    """On a GPU the chunks are compiled by default, the backward's inside autograd's device
+    thread: float64 equals the CPU's op-by-op chunks to rounding, float32 (full-precision
+    matmuls) to float32's."""
+    torch.set_float32_matmul_precision("highest")
+    problem = _problem()
+    cpu = _step_with_compiled_chunks(problem, name, compiled=False)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        cuda = _step_with_compiled_chunks(problem, name, compiled=None, device="cuda", dtype=dtype)
+        for got, want, what in zip(cuda, cpu, ("loss", "embedding grad", "centre grad")):
+            atol = rtol * want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name} {dtype} {what}: {m}")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
