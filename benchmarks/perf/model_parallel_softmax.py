@@ -191,7 +191,7 @@ def _worker(rank: int, world_size: int, port: int, case: dict, out: str) -> None
         times = _time_steps(step, case["steps"], device)
         result = {"times": times, "peak_memory": _peak_memory_bytes(device, resident_before_setup)}
         if case["profile"] is not None:
-            name = f"{case['kind']}_C{case['classes']}_W{world_size}_{case['precision']}_r{rank}.txt"
+            name = f"{case['kind']}_C{case['classes']}_W{case['world_size']}_{case['precision']}_r{rank}.txt"
             _write_profile(step, device, Path(case["profile"]) / name)
     except torch.OutOfMemoryError:
         result = {"times": None, "peak_memory": None, "error": "out of memory"}

@@ -9,8 +9,12 @@ def test_model_parallel_softmax_perf_script(tmp_path, capsys):
     out = tmp_path / "perf.json"
     model_parallel_softmax.main(["--classes", "300", "--batch", "4", "--dim", "16", "--world-sizes", "2",
                                  "--sample-rate", "0.5", "--chunk-classes", "64", "--precision", "bf16-mixed",
-                                 "--steps", "1", "--device", "cpu", "--out", str(out)])
+                                 "--steps", "1", "--device", "cpu", "--out", str(out), "--profile", str(tmp_path)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["plain", "model_parallel", "partial_fc"]
     assert all(r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
     assert "| 300 | 4 | 16 | 2 | model_parallel |" in capsys.readouterr().out
+    tables = sorted(path.name for path in tmp_path.glob("*_r*.txt"))  # one per process of each case
+    assert tables == [f"{kind}_C300_W2_bf16-mixed_r{rank}.txt" for kind in ("model_parallel", "partial_fc")
+                      for rank in (0, 1)] + ["plain_C300_W2_bf16-mixed_r0.txt"]
+    assert "aten::mm" in (tmp_path / "plain_C300_W2_bf16-mixed_r0.txt").read_text()
