@@ -396,7 +396,7 @@ def test_cuda_chunks_equal_the_cpu_ones(name):
     """On a GPU the chunks are compiled by default, the backward's inside autograd's device
     thread: float64 equals the CPU's op-by-op chunks to rounding, float32 (full-precision
     matmuls) to float32's."""
-    torch.set_float32_matmul_precision("highest")
+    assert torch.get_float32_matmul_precision() == "highest", "TF32 products would need a looser tolerance"
     problem = _problem()
     cpu = _step_with_compiled_chunks(problem, name, compiled=False)
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
