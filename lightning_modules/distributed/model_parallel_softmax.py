@@ -174,6 +174,9 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
       negative logits of the cosines given ``state``: an online log-sum-exp over the shard's
       chunks (running max, rescaled sum), then all-reduces of the max and of the sum.
 
+    ``inverse_norms`` [c] are the centres' 1/‖w‖, taken by the caller without gradient: the
+    backward's formulas below include the gradient through them.
+
     Temporaries are [N, chunk] and [chunk, D], never [N, classes of the shard], and the only
     tensor of the centres' size is their gradient, written chunk by chunk. Each chunk is one
     product f·wᵀ followed by element-wise ``steps`` (:func:`_chunk_steps`). The backward
@@ -183,8 +186,9 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, centres, target_columns, target_cos, head, state, chunk_classes, steps):
-        inverse_norms = _inverse_norms(centres)
+    def forward(
+        ctx, features, centres, inverse_norms, target_columns, target_cos, head, state, chunk_classes, steps
+    ):
         row_max = features.new_full(features.shape[:1], -math.inf, dtype=inverse_norms.dtype)
         row_sum = torch.zeros_like(row_max)
         for start, end in _chunks(centres.shape[0], chunk_classes):
@@ -225,7 +229,7 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
         radial = scaled * (target_cos * own_inverse_norms)[:, None]
         grad_features.index_add_(0, target_rows, (scaled * own).to(grad_features.dtype))
         grad_centres.index_add_(0, target_cols, (scaled * features[target_rows] - radial * own).to(grad_centres.dtype))
-        return grad_features, grad_centres, None, None, None, None, None, None
+        return grad_features, grad_centres, None, None, None, None, None, None, None
 
 
 class ModelParallelSoftmax(nn.Module):
@@ -354,12 +358,12 @@ class ModelParallelSoftmax(nn.Module):
 
     @torch.no_grad()
     def _sum_over_negatives(
-        self, features: Tensor, centres: Tensor, target_columns: Tensor, statistic: NegativeStatistic
+        self, features: Tensor, centres: Tensor, inverse_norms: Tensor, target_columns: Tensor,
+        statistic: NegativeStatistic,
     ) -> Tensor:
         """A head's per-sample statistic summed over the negative classes of every shard."""
         no_classes = features.new_zeros(features.shape[0], 0)
         total = statistic(no_classes, no_classes.bool())  # zeros of the statistic's shape
-        inverse_norms = _inverse_norms(centres)
         for start, end in _chunks(centres.shape[0], self.chunk_classes):
             cos = _cosines(features, centres[start:end], inverse_norms[start:end])
             total = total + statistic(cos, ~_is_target(target_columns - start, end - start))
@@ -381,12 +385,15 @@ class ModelParallelSoftmax(nn.Module):
         target_columns = torch.where(owned, column, -1)
         target_rows, own_columns = _owned(target_columns)
         with torch.no_grad():
+            inverse_norms = _inverse_norms(centres)  # one pass, shared by the head's statistics
             own_cos = _target_cosines(features, centres, target_rows, own_columns)
             cos_y = self._all_target_cosines(own_cos, target_rows, labels.shape[0])
-        sum_over_negatives = functools.partial(self._sum_over_negatives, features, centres, target_columns)
+        sum_over_negatives = functools.partial(
+            self._sum_over_negatives, features, centres, inverse_norms, target_columns
+        )
         state = self.head.row_state(cos_y, sum_over_negatives)
         own_cos, negatives = _ShardSoftmaxTerms.apply(
-            features, centres, target_columns, own_cos, self.head, state, self.chunk_classes,
+            features, centres, inverse_norms, target_columns, own_cos, self.head, state, self.chunk_classes,
             _chunk_steps(self.weight.is_cuda if self.compile_chunks is None else self.compile_chunks),
         )
         target_logit = self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state)
