@@ -42,8 +42,10 @@ def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
 
 class ResultsWriter(Callback):
     """Writes ``<run dir>/results.json`` at the end of ``test``: benchmark, method, dataset
-    description (root, split, selectors), every logged ``test/`` metric, checkpoint, the full
-    config, git revision, versions and time. Read by ``benchmarks.leaderboard``."""
+    description (root, split, selectors), every logged ``test/`` metric, the number of corrupt
+    samples skipped, checkpoint, the full config, git revision, versions and time. Read by
+    ``benchmarks.leaderboard``. The DataModule and the method are visionzoo's
+    (``datamodules.base.VisionZooDataModule``, ``lightning_modules.base.VisionZooModule``)."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = config
@@ -57,10 +59,11 @@ class ResultsWriter(Callback):
             if key.startswith("test/")
         }
         results = {
-            "benchmark": getattr(datamodule, "benchmark", None),
-            "method": getattr(pl_module, "method_name", type(pl_module).__name__),
-            "dataset": datamodule.describe() if hasattr(datamodule, "describe") else None,
+            "benchmark": datamodule.benchmark,
+            "method": pl_module.method_name,
+            "dataset": datamodule.describe(),
             "metrics": metrics,
+            "skipped_corrupt": datamodule.num_skipped,
             "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
             "config": self.config,
             "git_revision": git_revision(Path(__file__).resolve().parent),

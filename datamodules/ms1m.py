@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional
 import cv2
 import numpy as np
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.formats.images import CorruptFileError, decode_image, read_image
 from datamodules.layout import layout_error
 from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
@@ -170,20 +170,24 @@ class IdentityPairDataset(AugmentationRNG, Dataset):
 class VerificationDataset(Dataset):
     """The 2P images of a verification ``.bin`` as dicts ``image`` (3, 112, 112) float32 in [-1, 1],
     ``flipped`` (its horizontal flip, for the flip-sum embedding), ``pair_index`` (pair i owns
-    images 2i and 2i+1) and ``index`` (position in the ``.bin``)."""
+    images 2i and 2i+1) and ``issame`` (whether pair ``pair_index`` shows one identity). Served
+    as an :class:`~datamodules.base.EvalSet` named after the ``.bin``, which adds ``index``."""
 
-    def __init__(self, images: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, issame: np.ndarray) -> None:
+        if len(images) != 2 * len(issame):
+            raise ValueError(f"a verification set of {len(issame)} pairs needs {2 * len(issame)} images, got {len(images)}")
         self.images = images
+        self.issame = issame
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image = to_tensor(self.images[i])
-        return {"image": image, "flipped": image.flip(-1), "pair_index": i // 2, "index": i}
+        return {"image": image, "flipped": image.flip(-1), "pair_index": i // 2, "issame": bool(self.issame[i // 2])}
 
 
-class MS1MDataModule(LightningDataModule):
+class MS1MDataModule(VisionZooDataModule):
     """Train on MS1M (or an identity folder), validate on verification ``.bin`` sets.
 
     ``val_sets`` names ``<root>/<name>.bin`` files (``lfw``, ``cfp_fp``, ``agedb_30``, ``calfw``,
@@ -276,6 +280,10 @@ class MS1MDataModule(LightningDataModule):
             "split": "val",
         }
 
+    def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:
+        """The verification sets, for validation and test alike, in loader order."""
+        return list(self.val_set_names)
+
     # ----------------------------------------------------------------------------- setup
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -286,7 +294,7 @@ class MS1MDataModule(LightningDataModule):
         if not self.val_datasets:
             for name in self.val_set_names:
                 images, issame = read_verification_bin(self._bin_path(name))
-                self.val_datasets.append(VerificationDataset(np.stack([face_size(image) for image in images])))
+                self.val_datasets.append(VerificationDataset(np.stack([face_size(image) for image in images]), issame))
                 self._issame[name] = issame
 
     def _check_layout(self) -> None:
@@ -350,7 +358,8 @@ class MS1MDataModule(LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per verification set, in the order of :attr:`val_set_names`."""
-        return [eval_loader(dataset, **loader_options(self.batch_size, self.num_workers)) for dataset in self.val_datasets]
+        return [eval_loader(EvalSet(name, dataset), **loader_options(self.batch_size, self.num_workers))
+                for name, dataset in zip(self.val_set_names, self.val_datasets)]
 
     def test_dataloader(self) -> list[DataLoader]:
         """``visionzoo test`` reports the verification sets (the protocol has no other test split)."""

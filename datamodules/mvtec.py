@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.formats.images import CorruptFileError, read_image, read_mask, read_size
 from datamodules.layout import layout_error
 from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
@@ -80,7 +80,7 @@ class MVTecDataset(AugmentationRNG, Dataset):
         }
 
 
-class MVTecDataModule(LightningDataModule):
+class MVTecDataModule(VisionZooDataModule):
     """One MVTec AD category: train on ``train/good``, test on ``test/*`` with masks.
 
     ``mask_resolution="original"`` keeps test masks at ground-truth resolution (the official
@@ -139,6 +139,12 @@ class MVTecDataModule(LightningDataModule):
             "mask_resolution": self.mask_resolution,
             "split": "test",
         }
+
+    def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:
+        """``val``: the held-out good training images (when ``val_fraction`` > 0); ``test``: the test split."""
+        if stage == "val":
+            return ["val"] if self.val_fraction else []
+        return ["test"]
 
     # ----------------------------------------------------------------------------- setup
 
@@ -267,10 +273,11 @@ class MVTecDataModule(LightningDataModule):
         """Held-out good training images; none (validation skipped) when ``val_fraction`` is 0."""
         if not self.val_samples:
             return []
-        return eval_loader(self._dataset(self.val_samples, []), **loader_options(self.batch_size, self.num_workers))
+        return eval_loader(EvalSet("val", self._dataset(self.val_samples, [])), **loader_options(self.batch_size, self.num_workers))
 
     def test_dataloader(self) -> DataLoader:
-        return eval_loader(self._dataset(self.test_samples, []), **loader_options(self.batch_size, self.num_workers))
+        """The test split as the eval set ``test``; items carry ``eval_set`` and ``index``."""
+        return eval_loader(EvalSet("test", self._dataset(self.test_samples, [])), **loader_options(self.batch_size, self.num_workers))
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -16,8 +16,9 @@ end lines with CRLF.
 Training samples come from a :class:`ClipSampler` (by default one random clip per video per
 epoch; the pretext samplers of SeCo, CMD and CSTP subclass it). Validation and test read the
 test list as ``val_clips`` / ``test_clips`` uniformly spaced clips per video with a centre
-crop, each carrying ``video_index`` so that scores can be averaged per video; with
-``test_gallery`` the train list is a second test set (the gallery of clip retrieval).
+crop, each carrying ``video_index`` so that scores can be averaged per video, and the eval set's
+name (``val``, ``test``; with ``test_gallery`` the train list is a second test set, ``gallery``,
+the gallery of clip retrieval).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import Dataset, default_collate
 
+from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.clips import (
     clip_indices, clip_span, eval_clip, random_start, train_clip, uniform_starts,
 )
@@ -212,7 +213,7 @@ def collate_dropping_skipped(samples: list[dict[str, Any] | None]) -> dict[str, 
     return default_collate(kept) if kept else None
 
 
-class UCF101DataModule(LightningDataModule):
+class UCF101DataModule(VisionZooDataModule):
     """UCF101 clips of split ``split`` (1 to 3); see the module docstring for the layout.
 
     ``num_frames``, ``frame_stride``, ``image_size`` and ``resize`` are the clip geometry
@@ -289,6 +290,13 @@ class UCF101DataModule(LightningDataModule):
                 "test_clips": hp.test_clips, "query": f"testlist0{self.split}",
                 "gallery": f"trainlist0{self.split}" if hp.test_gallery else None}
 
+    def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:
+        """``val``: the test list at ``val_clips`` per video; ``test``: the test list at ``test_clips``
+        (``test``), with ``test_gallery`` also the train list (``gallery``), in loader order."""
+        if stage == "val":
+            return ["val"]
+        return ["gallery", "test"] if self.hparams.test_gallery else ["test"]
+
     # ----------------------------------------------------------------------------- setup
 
     def _check_layout(self) -> None:
@@ -323,7 +331,7 @@ class UCF101DataModule(LightningDataModule):
 
     def _eval_loader(self, name: str):
         options = loader_options(self.batch_size, self.num_workers)
-        return eval_loader(self.datasets[name], collate_fn=collate_dropping_skipped, **options)
+        return eval_loader(EvalSet(name, self.datasets[name]), collate_fn=collate_dropping_skipped, **options)
 
     def train_dataloader(self):
         options = loader_options(self.batch_size, self.num_workers)
@@ -333,7 +341,6 @@ class UCF101DataModule(LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self):
-        """The test list; with ``test_gallery``, [gallery (train list), queries (test list)]."""
-        if self.hparams.test_gallery:
-            return [self._eval_loader("gallery"), self._eval_loader("test")]
-        return self._eval_loader("test")
+        """The eval sets of :meth:`eval_set_names` (``test``), one loader each."""
+        loaders = [self._eval_loader(name) for name in self.eval_set_names("test")]
+        return loaders if len(loaders) > 1 else loaders[0]

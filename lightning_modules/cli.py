@@ -34,6 +34,8 @@ from callbacks.results import ResultsWriter
 from callbacks.resume import ResumeState
 from callbacks.run_log import RunCSVLogger
 from callbacks.throughput import Throughput
+from datamodules.base import VisionZooDataModule
+from lightning_modules.base import VisionZooModule
 
 RUNS_ROOT = Path("runs")
 
@@ -72,10 +74,12 @@ class VisionZooCLI(LightningCLI):
         )
 
     def run_directory(self, run_name: str | None) -> Path:
-        benchmark = getattr(self.datamodule, "benchmark", "unknown_benchmark")
-        method = getattr(self.model, "method_name", type(self.model).__name__.lower())
-        name = run_name or getattr(self.datamodule, "run_name", None) or "default"
-        return RUNS_ROOT / benchmark / method / name
+        """``runs/<benchmark>/<method>/<run name>`` from the DataModule's and the method's contracts."""
+        for thing, base in ((self.datamodule, VisionZooDataModule), (self.model, VisionZooModule)):
+            if not isinstance(thing, base):
+                raise TypeError(f"{type(thing).__module__}.{type(thing).__name__} is not a {base.__name__}: visionzoo "
+                                f"runs subclasses of {base.__module__}.{base.__name__}, which name the run directory")
+        return RUNS_ROOT / self.datamodule.benchmark / self.model.method_name / (run_name or self.datamodule.run_name)
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` picks the newest checkpoint of the run directory: ``last.ckpt``

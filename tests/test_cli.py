@@ -112,7 +112,8 @@ def test_local_weights_file_is_loaded(tmp_path):
 @pytest.mark.slow
 def test_msflow_learns_the_mini_set_end_to_end(mini_mvtec, tmp_path, monkeypatch):
     """fit + test through the CLI: image and pixel AUROC well above chance (0.5), and every
-    artefact of a run (metrics.csv, config.yaml, last.ckpt, results.json, pictures, leaderboard)."""
+    artefact of a run (metrics.csv, config.yaml, last.ckpt, results.json, pictures, the official
+    TIFF maps, leaderboard)."""
     monkeypatch.chdir(tmp_path)
     args = [*_mini_args(CONFIGS / "mvtec/msflow.yaml", mini_mvtec), "--config", str(CONFIGS / "trainer/cpu.yaml")]
     VisionZooCLI(args=["fit", *args])
@@ -136,6 +137,16 @@ def test_msflow_learns_the_mini_set_end_to_end(mini_mvtec, tmp_path, monkeypatch
     assert any(row.get("throughput/samples_per_sec") for row in logged)
     pictures = sorted((run / "anomaly_maps").glob("*.png"))
     assert {p.name.split("_")[0] for p in pictures} >= {"good", "hole", "scratch", "stain"}
+
+    # The official-format TIFF maps read back are the maps scored: the offline scorer reproduces
+    # the localisation map's metrics of results.json.
+    from benchmarks.metrics import mvtec
+
+    mvtec.main([str(mini_mvtec), str(run / "mvtec_anomaly_maps"), "--out", str(tmp_path / "scores.json")])
+    scores = json.loads((tmp_path / "scores.json").read_text())["weave"]
+    assert scores["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-12)
+    assert scores["image_auroc"] == pytest.approx(metrics["image_auroc_max"], abs=1e-12)
+    assert 0.5 < scores["aupro"] <= 1.0
 
     tables = leaderboard.leaderboard_rows(leaderboard.collect_results(tmp_path / "runs"), {})
     names, rows = tables["mvtec"]

@@ -23,12 +23,15 @@ float32 run can differ only for a distance within float32 rounding of a grid thr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 from torch import Tensor
+
+from benchmarks.metrics.base import BenchmarkMetric, Rows
 
 ArrayLike = np.ndarray | Tensor | Sequence[float]
 
@@ -88,6 +91,40 @@ def verification_accuracy(
         best = int(np.argmax(correct.sum(axis=0) - correct[k]))  # same denominator for every t
         accuracies.append(correct[k, best] / (fold.stop - fold.start))
     return float(np.mean(accuracies)), float(np.std(accuracies))
+
+
+class VerificationAccuracy(BenchmarkMetric):
+    """:func:`verification_accuracy` of every verification set (``.bin``) evaluated.
+
+    Items are the images of a set in ``.bin`` order; images ``2i`` and ``2i + 1`` form pair i.
+    Fields: ``embedding`` [B, D] (the flip-summed embedding) and ``issame`` [B] (the label of the
+    image's pair). Reports ``<set>_acc`` and ``<set>_std`` per set and ``acc``, their mean over
+    the sets (insightface's table). A pair with an image missing (``limit_*_batches``) is left
+    out, with a warning.
+    """
+
+    fields = ("embedding", "issame")
+
+    def __init__(self, nfolds: int = 10) -> None:
+        self.nfolds = nfolds
+
+    def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
+        results = {}
+        for name, rows in sets.items():
+            index = rows["index"]
+            position = torch.full((int(index.max()) // 2 * 2 + 2,), -1, dtype=torch.long)
+            position[index] = torch.arange(len(index))
+            first, second = position[0::2], position[1::2]
+            complete = (first >= 0) & (second >= 0)
+            if not complete.all():
+                warnings.warn(f"{name}: {int(complete.sum())} complete pairs evaluated; "
+                              f"{int((~complete & ((first >= 0) | (second >= 0))).sum())} pairs lack an image")
+            first, second = first[complete], second[complete]
+            accuracy, std = verification_accuracy(rows["embedding"][first], rows["embedding"][second],
+                                                  rows["issame"][first], self.nfolds)
+            results[f"{name}_acc"], results[f"{name}_std"] = accuracy, std
+        accuracies = [value for key, value in results.items() if key.endswith("_acc")]
+        return {**results, "acc": float(np.mean(accuracies))} if accuracies else results
 
 
 def tar_at_far(

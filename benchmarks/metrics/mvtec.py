@@ -26,15 +26,19 @@ Scores are compared at the resolution they are given in: the official protocol i
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import json
+from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
+from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+
+from benchmarks.metrics.base import EvalSetMetric, Rows
 
 ArrayLike = np.ndarray | Tensor
 
@@ -150,68 +154,117 @@ def aupro(anomaly_maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> 
     return trapezoid(fpr, pro, x_max=fpr_limit) / fpr_limit
 
 
-class _PooledScores(Metric):
-    """Collects float32 scores and uint8 targets (positive where > 0) of a whole test set, shaped
-    [B, *shape] with ``ndim = 1 + len(shape)``, scored in ``compute``.
-
-    States are lists concatenated across processes (DDP). They live on the metric's device; pass
-    ``compute_on_cpu=True`` to move them to CPU after each update.
-    """
-
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
-
-    ndim = 3
-    scores: list[Tensor]
-    targets: list[Tensor]
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("targets", default=[], dist_reduce_fx="cat")
-
-    def update(self, scores: Tensor, targets: Tensor) -> None:
-        """Add a batch: anomaly maps [B, H, W] and masks [B, H, W] (image metrics: [B] and [B])."""
-        if scores.ndim != self.ndim or scores.shape != targets.shape:
-            raise ValueError(
-                f"{type(self).__name__} takes scores and targets of one shape with {self.ndim} "
-                f"dimensions; got {tuple(scores.shape)} and {tuple(targets.shape)}"
-            )
-        self.scores.append(scores.detach().float())
-        self.targets.append((targets.detach() > 0).to(torch.uint8))
-
-    def _collected(self) -> tuple[np.ndarray, np.ndarray]:
-        return dim_zero_cat(self.scores).cpu().numpy(), dim_zero_cat(self.targets).cpu().numpy()
-
-    def _pooled_auroc(self) -> Tensor:
-        scores, targets = self._collected()
-        return torch.tensor(roc_auc_score(targets.ravel(), scores.ravel()), dtype=torch.float64)
+def pooled_auroc(scores: ArrayLike, targets: ArrayLike) -> float:
+    """Exact ROC AUC of all values of ``scores`` against ``targets`` > 0, pooled (sklearn)."""
+    scores, targets = _to_numpy(scores), _to_numpy(targets)
+    if scores.shape != targets.shape:
+        raise ValueError(f"scores and targets must have one shape; got {scores.shape} and {targets.shape}")
+    return float(roc_auc_score(targets.ravel() > 0, scores.ravel()))
 
 
-class AUPRO(_PooledScores):
-    """MVTec AD AU-PRO up to ``fpr_limit`` (official: 0.3), over all images seen; see :func:`aupro`."""
+class ImageAUROC(EvalSetMetric):
+    """Exact ROC AUC of one score per image (field ``score_field``, [B]) against ``label`` [B]
+    (1 = defective), reported as ``name``."""
 
-    def __init__(self, fpr_limit: float = 0.3, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, score_field: str = "image_score", name: str = "image_auroc") -> None:
+        self.fields = (score_field, "label")
+        self.name = name
+
+    def combine_set(self, rows: Rows) -> dict[str, float]:
+        return {self.name: pooled_auroc(rows[self.fields[0]], rows["label"])}
+
+
+class PixelAUROC(EvalSetMetric):
+    """Exact ROC AUC over all pixels of all images, pooled: anomaly maps (field ``map_field``,
+    [B, H, W]) against the ground-truth ``mask`` [B, H, W]."""
+
+    name = "pixel_auroc"
+
+    def __init__(self, map_field: str = "anomaly_map") -> None:
+        self.fields = (map_field, "mask")
+
+    def combine_set(self, rows: Rows) -> dict[str, float]:
+        return {self.name: pooled_auroc(rows[self.fields[0]], rows["mask"])}
+
+
+class AUPRO(EvalSetMetric):
+    """MVTec AD AU-PRO up to ``fpr_limit`` (official: 0.3) of anomaly maps (field ``map_field``,
+    [B, H, W]) against ``mask`` [B, H, W], over all images; see :func:`aupro`."""
+
+    name = "aupro"
+
+    def __init__(self, map_field: str = "anomaly_map", fpr_limit: float = 0.3) -> None:
         _check_fpr_limit(fpr_limit)
+        self.fields = (map_field, "mask")
         self.fpr_limit = fpr_limit
 
-    def compute(self) -> Tensor:
-        return torch.tensor(aupro(*self._collected(), fpr_limit=self.fpr_limit), dtype=torch.float64)
+    def combine_set(self, rows: Rows) -> dict[str, float]:
+        return {self.name: aupro(rows[self.fields[0]], rows["mask"], fpr_limit=self.fpr_limit)}
 
 
-class PixelAUROC(_PooledScores):
-    """Exact ROC AUC over all pixels of all images seen, pooled (sklearn ``roc_auc_score``)."""
-
-    def compute(self) -> Tensor:
-        return self._pooled_auroc()
+# --------------------------------------------------------------------------- scoring a submission
 
 
-class ImageAUROC(_PooledScores):
-    """Exact ROC AUC of image scores [B] against image labels [B] (1 = defective)."""
+def read_submission(root: str | Path, maps: str | Path, category: str) -> dict[str, np.ndarray]:
+    """The anomaly maps of ``<maps>/<category>/test/<defect>/<image>.tiff`` (the layout of MVTec's
+    official evaluation and of ``callbacks.submission.MVTecTIFFMaps``) with their ground truth from
+    the dataset ``<root>``: ``anomaly_map`` [N, H, W], ``mask`` [N, H, W], ``label`` [N], in the order
+    of (defect, image). A missing map or one of another size than its ground truth is an error
+    naming both files."""
+    root, maps = Path(root), Path(maps)
+    test = root / category / "test"
+    images = sorted(p for p in test.glob("*/*.png"))
+    if not images:
+        raise FileNotFoundError(f"no test images {test}/<defect>/*.png: is {root} an MVTec AD root with {category!r}?")
+    anomaly_maps, masks = [], []
+    for image in images:
+        defect = image.parent.name
+        map_path = maps / category / "test" / defect / f"{image.stem}.tiff"
+        if not map_path.is_file():
+            raise FileNotFoundError(f"no anomaly map {map_path} for the test image {image}")
+        anomaly_map = tifffile.imread(map_path).astype(np.float32)
+        mask_path = root / category / "ground_truth" / defect / f"{image.stem}_mask.png"
+        with Image.open(image) as opened:
+            size = opened.size[::-1]
+        mask = np.zeros(size, bool) if defect == "good" else np.asarray(Image.open(mask_path)) > 0
+        if anomaly_map.shape != mask.shape:
+            raise ValueError(f"{map_path} is {anomaly_map.shape[1]}x{anomaly_map.shape[0]} px but the ground truth of "
+                             f"{image} is {mask.shape[1]}x{mask.shape[0]}: maps must have the ground truth's size")
+        anomaly_maps.append(anomaly_map)
+        masks.append(mask)
+    return {"anomaly_map": np.stack(anomaly_maps), "mask": np.stack(masks),
+            "label": np.array([int(p.parent.name != "good") for p in images])}
 
-    ndim = 1
 
-    def compute(self) -> Tensor:
-        return self._pooled_auroc()
+def score_submission(root: str | Path, maps: str | Path, category: str, fpr_limit: float = 0.3) -> dict[str, float]:
+    """What MVTec's official evaluation measures of one category's maps: AU-PRO up to ``fpr_limit``
+    and image AUROC of each map's maximum, plus the pooled pixel AUROC."""
+    items = read_submission(root, maps, category)
+    items["image_score"] = items["anomaly_map"].reshape(len(items["label"]), -1).max(axis=1)
+    metrics = [AUPRO(fpr_limit=fpr_limit), PixelAUROC(), ImageAUROC()]
+    return {key: value for metric in metrics for key, value in metric.score(**items).items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.metrics.mvtec",
+        description="Score MVTec AD anomaly maps (<maps>/<category>/test/<defect>/<image>.tiff) against the dataset's "
+                    "ground truth with visionzoo's official-metric code.")
+    parser.add_argument("root", help="the MVTec AD root (<root>/<category>/test, ground_truth)")
+    parser.add_argument("maps", help="the folder of maps, e.g. runs/mvtec/msflow/bottle/mvtec_anomaly_maps")
+    parser.add_argument("--categories", nargs="+", help="default: every category folder under MAPS")
+    parser.add_argument("--fpr-limit", type=float, default=0.3)
+    parser.add_argument("--out", help="write the scores as JSON {category: {metric: value}} to this file")
+    args = parser.parse_args(argv)
+    categories = args.categories or sorted(p.name for p in Path(args.maps).iterdir() if p.is_dir())
+    scores = {category: score_submission(args.root, args.maps, category, args.fpr_limit) for category in categories}
+    names = list(next(iter(scores.values()))) if scores else []
+    print("| category | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for category, values in scores.items():
+        print(f"| {category} | " + " | ".join(f"{100 * values[name]:.2f}" for name in names) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

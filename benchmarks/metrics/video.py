@@ -21,12 +21,14 @@ one shared mean; forgetting to normalise after centring.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
+
+from benchmarks.metrics.base import BenchmarkMetric, EvalSetMetric, Rows
 
 ArrayLike = np.ndarray | Tensor
 
@@ -134,3 +136,53 @@ def retrieval_recall_at_k(
     _, neighbours = index.search(queries, k_max)
     matches = g_labels[neighbours] == q_labels[:, None]  # [Q, k_max], best first
     return {k: float(matches[:, :k].any(axis=1).mean()) for k in ks}
+
+
+# --------------------------------------------------------------------------- as benchmark metrics
+
+
+class ClipTop1(EvalSetMetric):
+    """:func:`clip_top1` of clip ``logits`` [B, C] against ``label`` [B]."""
+
+    name = "clip_top1"
+    fields = ("logits", "label")
+
+    def combine_set(self, rows: Rows) -> dict[str, float]:
+        return {self.name: clip_top1(rows["logits"], rows["label"])}
+
+
+class VideoTop1(EvalSetMetric):
+    """:func:`video_top1`: the clip softmax averaged over each ``video_index``."""
+
+    name = "video_top1"
+    fields = ("logits", "label", "video_index")
+
+    def combine_set(self, rows: Rows) -> dict[str, float]:
+        return {self.name: video_top1(rows["logits"], rows["label"], rows["video_index"])}
+
+
+class RetrievalRecall(BenchmarkMetric):
+    """:func:`retrieval_recall_at_k` (``R@<k>``) of the videos of eval set ``query_set`` against
+    those of ``gallery_set``; a video's feature is the mean of its clips' ``features`` [B, D]
+    (:func:`video_features`), its label that of its clips."""
+
+    fields = ("features", "label", "video_index")
+
+    def __init__(self, query_set: str = "test", gallery_set: str = "gallery", ks: Sequence[int] = RETRIEVAL_KS,
+                 center: bool = True) -> None:
+        self.query_set, self.gallery_set = query_set, gallery_set
+        self.ks, self.center = tuple(ks), center
+
+    def videos(self, rows: Rows) -> tuple[Tensor, Tensor]:
+        """(features, labels) per video of clip rows, videos in order of their index."""
+        ids, features = video_features(rows["features"], rows["video_index"])
+        position = torch.searchsorted(ids, rows["video_index"])
+        return features, rows["label"].new_zeros(len(ids)).index_put_((position,), rows["label"])
+
+    def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
+        missing = [name for name in (self.query_set, self.gallery_set) if name not in sets]
+        if missing:
+            raise ValueError(f"retrieval needs the eval sets {missing}; evaluated: {sorted(sets)}")
+        recall = retrieval_recall_at_k(*self.videos(sets[self.query_set]), *self.videos(sets[self.gallery_set]),
+                                       ks=self.ks, center=self.center)
+        return {f"R@{k}": value for k, value in recall.items()}

@@ -32,9 +32,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import Tensor, nn
+
+from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.mvtec import AUPRO, ImageAUROC, PixelAUROC
+from lightning_modules.base import EvaluatedModule, Stage
 from lightning_modules.nn.backbones import FrozenFeatures
 from lightning_modules.nn.flows import FusionFlow, ParallelFlow
 
@@ -83,7 +85,7 @@ def warmup_then_step(epoch: int, warmup_epochs: int, start_factor: float, milest
     return warmup * gamma ** sum(epoch >= m for m in milestones)
 
 
-class MSFlow(LightningModule):
+class MSFlow(EvaluatedModule):
     """MSFlow on frozen multi-scale CNN features (see the module docstring for the paper)."""
 
     method_name = "msflow"
@@ -118,10 +120,6 @@ class MSFlow(LightningModule):
             ParallelFlow(c, n, condition_channels, clamp) for c, n in zip(channels, parallel_blocks)
         )
         self.fusion_flow = FusionFlow(channels, clamp)
-        self.test_image_auroc = ImageAUROC()
-        self.test_image_auroc_max = ImageAUROC()
-        self.test_pixel_auroc = PixelAUROC(compute_on_cpu=True)
-        self.test_aupro = AUPRO(compute_on_cpu=True)
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
         """Latents of every scale after the fusion flow, and the total log|det J| per image."""
@@ -159,29 +157,21 @@ class MSFlow(LightningModule):
             "anomaly_map": additive_map(log_p, size),
         }
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        outputs = self.anomaly_maps(batch["image"])
-        masks, labels = batch["mask"], batch["label"]
-        # Evaluate at the resolution of the ground truth the DataModule returns.
-        anomaly_map = _upsample(outputs["anomaly_map"], masks.shape[1:])
-        detection_map = _upsample(outputs["detection_map"], masks.shape[1:])
-        self.test_image_auroc.update(outputs["image_score"], labels)
-        self.test_image_auroc_max.update(anomaly_map.amax(dim=(1, 2)), labels)
-        self.test_pixel_auroc.update(anomaly_map, masks)
-        self.test_aupro.update(detection_map, masks)
-        return {"anomaly_map": anomaly_map, "image_score": outputs["image_score"]}
+    def evaluation_metrics(self, stage: Stage) -> list[BenchmarkMetric]:
+        """Test: image AUROC of the paper's score and of the map's maximum (the official script's),
+        pixel AUROC of the localisation map, AU-PRO of the detection map (the authors' pairing)."""
+        if stage == "val":
+            return []
+        return [ImageAUROC(), ImageAUROC("image_score_max", "image_auroc_max"), PixelAUROC("anomaly_map"),
+                AUPRO("detection_map")]
 
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(
-            {
-                "test/image_auroc": self.test_image_auroc.compute(),
-                "test/image_auroc_max": self.test_image_auroc_max.compute(),
-                "test/pixel_auroc": self.test_pixel_auroc.compute(),
-                "test/aupro": self.test_aupro.compute(),
-            }
-        )
-        for metric in (self.test_image_auroc, self.test_image_auroc_max, self.test_pixel_auroc, self.test_aupro):
-            metric.reset()
+    def evaluation_outputs(self, batch: dict) -> dict[str, Tensor]:
+        """Both maps at the resolution of the ground truth the DataModule returns, and the image scores."""
+        outputs = self.anomaly_maps(batch["image"])
+        size = batch["mask"].shape[1:]
+        anomaly_map = _upsample(outputs["anomaly_map"], size)
+        return {"anomaly_map": anomaly_map, "detection_map": _upsample(outputs["detection_map"], size),
+                "image_score": outputs["image_score"], "image_score_max": anomaly_map.amax(dim=(1, 2))}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {**self.anomaly_maps(batch["image"]), "path": batch["path"]}

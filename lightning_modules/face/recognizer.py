@@ -71,7 +71,6 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         self.head = head if head is not None else CombinedMarginHead()
         self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
         self.softmax: ModelParallelSoftmax | None = None  # built in configure_model: needs the process group
-        self._val_embeddings: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     @property
     def method_name(self) -> str:

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.metrics.face import verification_accuracy
-from datamodules.resumable import eval_loader
+from lightning_modules.base import Evaluation
 from lightning_modules.distributed.comm import all_gather, broadcast_, world_info
 from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.nn.backbones import create_embedding_backbone
@@ -152,20 +151,22 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
 
     @torch.no_grad()
     def _reward_accuracy(self) -> float:
-        """This worker's verification accuracy on the reward set, over all of its pairs."""
+        """This worker's verification accuracy on the reward set, over all of its pairs: the
+        DataModule's loader of that set (not split over the ranks: every worker scores its own
+        model on all pairs) through the evaluation layer, without gathering across ranks."""
         datamodule = self.trainer.datamodule
-        name = self.hparams.reward_set or datamodule.val_set_names[0]
-        if name not in datamodule.val_set_names:
-            raise ValueError(f"model.reward_set={name!r} is not one of data.val_sets {datamodule.val_set_names}")
-        dataset = datamodule.val_datasets[datamodule.val_set_names.index(name)]
+        names = datamodule.eval_set_names("val")
+        name = self.hparams.reward_set or names[0]
+        if name not in names:
+            raise ValueError(f"model.reward_set={name!r} is not one of data.val_sets {names}")
+        evaluation = Evaluation(self.evaluation_metrics("val"))
         was_training = self.training
         self.eval()
-        embeddings = [self.flip_sum_embeddings({key: value.to(self.device) for key, value in batch.items()}).cpu()
-                      for batch in eval_loader(dataset, batch_size=datamodule.batch_size)]
+        for batch in datamodule.val_dataloader()[names.index(name)]:
+            batch = {key: value.to(self.device) if isinstance(value, Tensor) else value for key, value in batch.items()}
+            evaluation.update({**batch, **self.evaluation_outputs(batch)})
         self.train(was_training)
-        embeddings_np = torch.cat(embeddings).numpy()
-        accuracy, _ = verification_accuracy(embeddings_np[0::2], embeddings_np[1::2], datamodule.issame(name))
-        return float(accuracy)
+        return evaluation.compute(across_ranks=False)[f"{name}_acc"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["search"] = {"a": self.head.a, "sample": self._sample, "policy_optimizer": self.policy_optimizer.state_dict()}

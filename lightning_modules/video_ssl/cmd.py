@@ -44,9 +44,9 @@ import math
 from typing import Any, Optional
 
 import torch
-from lightning import LightningModule
 from torch import Tensor
 
+from lightning_modules.base import VisionZooModule
 from lightning_modules.batch_size import global_batch_size
 from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys, zero_init_residual_
 from lightning_modules.nn.schedules import warmup_cosine
@@ -54,7 +54,7 @@ from lightning_modules.nn.video_encoder import VideoEncoder
 from lightning_modules.nn.video_resnet import cmd_tokens, create_video_backbone
 
 
-class CMD(LightningModule):
+class CMD(VisionZooModule):
     """Context and motion decoupling pretraining (module docstring). Architecture defaults are
     the code's [CODE*]: R(2+1)D-26 clips, 3-D ResNet-10 MVs, transformer of 512 dims with 8 heads,
     2 encoder and 4 decoder layers, FFN 512, dropout 0.1, heads 2048 → 512, τ 0.1.

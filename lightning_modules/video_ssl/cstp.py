@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import Tensor
 
+from lightning_modules.base import VisionZooModule
 from lightning_modules.nn.byol import MLP, symmetric_byol_loss
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
 from lightning_modules.nn.stor_heads import STORHeads
@@ -53,7 +53,7 @@ from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 
 
-class CSTP(LightningModule):
+class CSTP(VisionZooModule):
     """BYOL plus the STOR, pace and rotation heads (see the module docstring).
 
     ``backbone``/``pretrained``/``weights``: the :class:`VideoEncoder` (CSTP trains R(2+1)D-10

@@ -19,8 +19,10 @@ The backbone name must be the one the pretraining used.
   split-1 train videos (VCOP ``retrieve_clips.py``).
 
 Under DDP each rank sees a share of the evaluation clips, padded with repeats by the
-``DistributedSampler``; :class:`ClipOutputs` gathers the per-clip outputs of every rank and
-keeps one row per (video, clip), so the metrics equal the single-process ones.
+``DistributedSampler``; the evaluation layer (:mod:`lightning_modules.base`) gathers the
+per-clip outputs of every rank and keeps one row per clip, so the metrics equal the
+single-process ones. The sets are found by name (``val``, ``test``, ``gallery``), never by
+loader position.
 """
 
 from __future__ import annotations
@@ -30,15 +32,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics.utilities.distributed import gather_all_tensors
 
-from benchmarks.metrics.video import RETRIEVAL_KS, clip_top1, retrieval_recall_at_k, video_features, video_top1
+from benchmarks.metrics.base import BenchmarkMetric
+from benchmarks.metrics.video import RETRIEVAL_KS, ClipTop1, RetrievalRecall, VideoTop1
+from lightning_modules.base import EvaluatedModule, Stage
 from lightning_modules.batch_size import global_batch_size
-from lightning_modules.distributed.comm import world_info
 from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 
@@ -80,59 +81,10 @@ def load_backbone(encoder: VideoEncoder, checkpoint: str) -> None:
     encoder.load_state_dict(weights)
 
 
-# --------------------------------------------------------------------------- distributed outputs
-
-CLIP_KEYS = ("video_index", "clip_index", "label")
-
-
-class ClipOutputs:
-    """Per-clip outputs of one evaluation pass (2-D tensors named by ``widths``, e.g.
-    ``logits=101``, plus the batch's ``video_index``, ``clip_index`` and ``label``)."""
-
-    def __init__(self, **widths: int) -> None:
-        self.widths = widths
-        self.parts: list[dict[str, Tensor]] = []
-
-    def append(self, batch: dict[str, Any], **values: Tensor) -> None:
-        self.parts.append({**{k: batch[k] for k in CLIP_KEYS}, **{k: v.detach().float() for k, v in values.items()}})
-
-    def _local(self, device: torch.device) -> dict[str, Tensor]:
-        if self.parts:
-            return {k: torch.cat([p[k] for p in self.parts]).to(device) for k in self.parts[0]}
-        # A rank whose every batch was skipped (corrupt videos) still takes part in the gather.
-        empty = {k: torch.zeros(0, dtype=torch.long, device=device) for k in CLIP_KEYS}
-        return {**empty, **{k: torch.zeros(0, w, device=device) for k, w in self.widths.items()}}
-
-    def gather(self, device: torch.device) -> dict[str, Tensor]:
-        """The outputs of every rank, one row per (video, clip), sorted by (video, clip)."""
-        local = self._local(device)
-        if world_info()[1] > 1:
-            local = {k: torch.cat(gather_all_tensors(v)) for k, v in local.items()}
-        return unique_clips(local)
-
-
-def unique_clips(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``outputs`` with one row per (``video_index``, ``clip_index``) pair, sorted by it: the
-    ``DistributedSampler`` pads the ranks' shares with repeated clips, which must count once."""
-    video, clip = outputs["video_index"], outputs["clip_index"]
-    if not len(video):
-        return outputs
-    key = video * (int(clip.max()) + 1) + clip
-    unique, inverse = torch.unique(key, return_inverse=True)
-    first = torch.full((len(unique),), len(key), dtype=torch.long, device=key.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(key), device=key.device), reduce="amin")
-    return {k: v[first] for k, v in outputs.items()}
-
-
-def _video_labels(outputs: dict[str, Tensor], video_ids: Tensor) -> Tensor:
-    """The label of each video of ``video_ids`` (sorted), from clip outputs sorted by video."""
-    return outputs["label"][torch.searchsorted(outputs["video_index"], video_ids)]
-
-
 # --------------------------------------------------------------------------- classification
 
 
-class VideoClassifier(LightningModule):
+class VideoClassifier(EvaluatedModule):
     """Linear probe (``freeze_backbone=True``) or fine-tuning of a pretrained clip encoder on
     UCF101 (module docstring).
 
@@ -181,7 +133,6 @@ class VideoClassifier(LightningModule):
         if lr_batch_size is not None and lr_batch_size < 1:
             raise ValueError(f"model.init_args.lr_batch_size must be a positive batch size or null, got {lr_batch_size}")
         self.save_hyperparameters()
-        self.method_name = "linear_probe" if freeze_backbone else "finetune"
         self.backbone = VideoEncoder(backbone, pretrained, weights)
         if pretrained_checkpoint is not None:
             load_backbone(self.backbone, pretrained_checkpoint)
@@ -193,6 +144,10 @@ class VideoClassifier(LightningModule):
             nn.Dropout(dropout),
             nn.Linear(width, num_classes),
         )
+
+    @property
+    def method_name(self) -> str:
+        return "linear_probe" if self.hparams.freeze_backbone else "finetune"
 
     def train(self, mode: bool = True) -> VideoClassifier:
         """The linear probe keeps the frozen backbone in eval mode (from ``__init__`` on, as
@@ -219,29 +174,12 @@ class VideoClassifier(LightningModule):
 
     # ----------------------------------------------------------------------------- evaluation
 
-    def on_validation_epoch_start(self) -> None:
-        self._outputs = ClipOutputs(logits=self.hparams.num_classes)
+    def evaluation_metrics(self, stage: Stage) -> list[BenchmarkMetric]:
+        """Validation: clip top-1 (one clip per video); test: clip and video top-1."""
+        return [ClipTop1()] if stage == "val" else [ClipTop1(), VideoTop1()]
 
-    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
-        if batch is not None:  # every video of the batch was corrupt and skipped
-            self._outputs.append(batch, logits=self(batch["video"]))
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            outputs = self._outputs.gather(self.device)
-            self.log("val/clip_top1", clip_top1(outputs["logits"], outputs["label"]), sync_dist=False)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def test_step(self, batch: dict | None, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        outputs = self._outputs.gather(self.device)
-        logits, labels = outputs["logits"], outputs["label"]
-        self.log_dict({"test/clip_top1": clip_top1(logits, labels),
-                       "test/video_top1": video_top1(logits, labels, outputs["video_index"])}, sync_dist=False)
+    def evaluation_outputs(self, batch: dict) -> dict[str, Tensor]:
+        return {"logits": self(batch["video"]).float()}
 
     # ----------------------------------------------------------------------------- optimisation
 
@@ -267,10 +205,7 @@ class VideoClassifier(LightningModule):
 
 # --------------------------------------------------------------------------- retrieval
 
-GALLERY, QUERIES = 0, 1  # test dataloaders of UCF101DataModule(test_gallery=True)
-
-
-class ClipRetrieval(LightningModule):
+class ClipRetrieval(EvaluatedModule):
     """Video retrieval R@k of a pretrained backbone, without training (``visionzoo test`` only;
     the DataModule needs ``test_gallery: true``).
 
@@ -306,24 +241,11 @@ class ClipRetrieval(LightningModule):
         return self.backbone(video)
 
     def on_test_start(self) -> None:
-        loaders = self.trainer.test_dataloaders  # as the DataModule returns them: one loader or a list
-        if not isinstance(loaders, (list, tuple)) or len(loaders) != 2:
+        if "gallery" not in self.trainer.datamodule.eval_set_names("test"):
             raise ValueError("clip retrieval needs the train list as gallery: set data.init_args.test_gallery true")
 
-    def on_test_epoch_start(self) -> None:
-        self._outputs = {i: ClipOutputs(features=self.backbone.num_features) for i in (GALLERY, QUERIES)}
+    def evaluation_metrics(self, stage: Stage) -> list[BenchmarkMetric]:
+        return [RetrievalRecall("test", "gallery", ks=self.hparams.ks, center=self.hparams.center)]
 
-    def test_step(self, batch: dict | None, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch is not None:  # every video of the batch was corrupt and skipped
-            self._outputs[dataloader_idx].append(batch, features=self(batch["video"]))
-
-    def on_test_epoch_end(self) -> None:
-        videos = {}
-        for which in (GALLERY, QUERIES):
-            outputs = self._outputs[which].gather(self.device)
-            ids, features = video_features(outputs["features"], outputs["video_index"])
-            videos[which] = (features, _video_labels(outputs, ids))
-        recall = retrieval_recall_at_k(*videos[QUERIES], *videos[GALLERY], ks=self.hparams.ks, center=self.hparams.center)
-        rank_zero_info(f"retrieval: {len(videos[QUERIES][0])} query videos, {len(videos[GALLERY][0])} gallery videos, "
-                       f"center={self.hparams.center}")
-        self.log_dict({f"test/R@{k}": value for k, value in recall.items()}, sync_dist=False)
+    def evaluation_outputs(self, batch: dict) -> dict[str, Tensor]:
+        return {"features": self(batch["video"]).float()}

@@ -60,11 +60,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_modules.base import VisionZooModule
 from lightning_modules.batch_size import global_batch_size
 from lightning_modules.distributed.comm import all_gather
 from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
@@ -98,7 +98,7 @@ def read_moco_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str,
     return backbone, head
 
 
-class SeCo(LightningModule):
+class SeCo(VisionZooModule):
     """SeCo pretraining (see the module docstring).
 
     ``backbone``: a timm 2-D model name; ``pretrained``/``weights`` as in DESIGN.md (``weights``

@@ -9,6 +9,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
 
+from lightning_modules.base import Evaluation
 from benchmarks.metrics.mvtec import AUPRO, ImageAUROC, PixelAUROC, aupro, pro_curve, trapezoid
 
 # One 2x3 image, one defect component of 2 pixels (x), 4 normal pixels.
@@ -178,15 +179,16 @@ def test_invalid_inputs_raise() -> None:
 
 
 def test_metrics_in_batches_equal_the_whole() -> None:
+    """Batches accumulated by the evaluation layer, in a shuffled order: the metrics of the whole."""
     scores, masks = _random_case(4, quantised=True)
-    aupro_metric, auroc_metric = AUPRO(), PixelAUROC()
-    for batch in np.array_split(np.arange(6), 3):
-        maps, gt = torch.from_numpy(scores[batch]), torch.from_numpy(masks[batch])
-        aupro_metric.update(maps, gt)
-        auroc_metric.update(maps, gt)
-    assert aupro_metric.compute().item() == pytest.approx(aupro(scores, masks), abs=1e-12)
+    evaluation = Evaluation([AUPRO(), PixelAUROC()])
+    for batch in np.array_split(np.random.default_rng(0).permutation(6), 3):
+        evaluation.update({"anomaly_map": torch.from_numpy(scores[batch]), "mask": torch.from_numpy(masks[batch]),
+                           "eval_set": ["test"] * len(batch), "index": torch.from_numpy(batch)})
+    results = evaluation.compute()
+    assert results["aupro"] == pytest.approx(aupro(scores, masks), abs=1e-12)
     expected_auroc = roc_auc_score(masks.ravel() > 0, scores.ravel())
-    assert auroc_metric.compute().item() == pytest.approx(expected_auroc, abs=1e-12)
+    assert results["pixel_auroc"] == pytest.approx(expected_auroc, abs=1e-12)
 
 
 def test_pixel_auroc_is_exact_for_any_score_range() -> None:
@@ -194,32 +196,28 @@ def test_pixel_auroc_is_exact_for_any_score_range() -> None:
     scores01 = (scores - scores.min()) / (scores.max() - scores.min())
     exact = binary_auroc(torch.from_numpy(scores01).ravel(), torch.from_numpy(masks > 0).ravel().long())
     metric = PixelAUROC()
-    metric.update(torch.from_numpy(scores01), torch.from_numpy(masks))
-    assert metric.compute().item() == pytest.approx(exact.item(), abs=1e-6)
+    result = metric.score(anomaly_map=torch.from_numpy(scores01), mask=torch.from_numpy(masks))
+    assert result["pixel_auroc"] == pytest.approx(exact.item(), abs=1e-6)
     # Large scores: torchmetrics would apply a sigmoid, saturating them all to 1.0 in float32.
-    metric.reset()
-    metric.update(torch.from_numpy(scores01 * 100 + 50), torch.from_numpy(masks))
-    assert metric.compute().item() == pytest.approx(exact.item(), abs=1e-6)
+    result = metric.score(anomaly_map=torch.from_numpy(scores01 * 100 + 50), mask=torch.from_numpy(masks))
+    assert result["pixel_auroc"] == pytest.approx(exact.item(), abs=1e-6)
 
 
 def test_metric_without_defects_raises() -> None:
     scores, masks = _random_case(0, quantised=False)
-    metric = AUPRO()
-    metric.update(torch.from_numpy(scores), torch.zeros(masks.shape, dtype=torch.uint8))
     with pytest.raises(ValueError, match="no defect pixels"):
-        metric.compute()
+        AUPRO().score(anomaly_map=torch.from_numpy(scores), mask=torch.zeros(masks.shape, dtype=torch.uint8))
 
 
 def test_image_auroc_hand_worked_with_a_tie():
     """Scores of 2 good (0.1, 0.5) and 2 defective (0.5, 0.9) images: of the 4 (defective, good)
     pairs, 3 are ranked right and 1 is tied (counts 1/2), so AUROC = 3.5 / 4."""
-    metric = ImageAUROC()
-    metric.update(torch.tensor([0.1, 0.5]), torch.tensor([0, 1]))
-    metric.update(torch.tensor([0.5, 0.9]), torch.tensor([0, 1]))
-    assert float(metric.compute()) == pytest.approx(3.5 / 4)
+    result = ImageAUROC().score(image_score=torch.tensor([0.1, 0.5, 0.5, 0.9]), label=torch.tensor([0, 1, 0, 1]))
+    assert result == {"image_auroc": pytest.approx(3.5 / 4)}
 
 
 def test_image_auroc_is_exact_for_scores_outside_the_unit_interval():
-    metric = ImageAUROC()
-    metric.update(torch.tensor([120.0, 121.0, 119.0]), torch.tensor([0, 1, 0]))
-    assert float(metric.compute()) == 1.0
+    metric = ImageAUROC("image_score_max", "image_auroc_max")
+    assert metric.fields == ("image_score_max", "label")
+    result = metric.score(image_score_max=torch.tensor([120.0, 121.0, 119.0]), label=torch.tensor([0, 1, 0]))
+    assert result == {"image_auroc_max": 1.0}

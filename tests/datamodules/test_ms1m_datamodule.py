@@ -94,7 +94,9 @@ def test_val_loaders_per_set_in_order(root: Path) -> None:
     for name, loader in zip(datamodule.val_set_names, loaders):
         images, issame = read_verification_bin(root / f"{name}.bin")
         batches = list(loader)
-        assert all(set(b) == {"image", "flipped", "pair_index", "index"} for b in batches)
+        assert all(set(b) == {"image", "flipped", "pair_index", "issame", "eval_set", "index"} for b in batches)
+        assert all(b["eval_set"] == [name] * len(b["index"]) for b in batches)
+        assert np.array_equal(torch.cat([b["issame"] for b in batches]).numpy(), np.repeat(issame, 2))
         index = torch.cat([b["index"] for b in batches])
         assert torch.equal(index, torch.arange(2 * NUM_PAIRS))
         assert torch.equal(torch.cat([b["pair_index"] for b in batches]), index // 2)

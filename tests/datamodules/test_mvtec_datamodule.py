@@ -17,6 +17,7 @@ from datamodules.mvtec import MVTecDataModule
 N_TRAIN, N_GOOD, N_PER_DEFECT = 12, 3, 2
 ORIGINAL, INPUT = 128, 64
 KEYS = {"image", "mask", "label", "defect_type", "path"}
+EVAL_KEYS = KEYS | {"eval_set", "index"}  # named eval sets (datamodules.base.EvalSet)
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
 
@@ -60,7 +61,9 @@ def test_test_set_order_labels_and_original_masks(root: Path) -> None:
     assert [(s.defect_type, s.image.name) for s in samples] == sorted((s.defect_type, s.image.name) for s in samples)
 
     batches = list(datamodule.test_dataloader())
-    assert all(set(batch) == KEYS for batch in batches)
+    assert all(set(batch) == EVAL_KEYS for batch in batches)
+    assert torch.cat([batch["index"] for batch in batches]).tolist() == list(range(len(samples)))
+    assert {name for batch in batches for name in batch["eval_set"]} == {"test"} == set(datamodule.eval_set_names("test"))
     for batch in batches:
         assert batch["mask"].shape[1:] == (ORIGINAL, ORIGINAL)  # ground-truth resolution
         for path, defect, label, mask in zip(batch["path"], batch["defect_type"], batch["label"], batch["mask"]):
@@ -72,7 +75,7 @@ def test_test_set_order_labels_and_original_masks(root: Path) -> None:
                 mask_path = root / "weave" / "ground_truth" / defect / f"{Path(path).stem}_mask.png"
                 assert torch.equal(mask, torch.from_numpy(read_mask(mask_path)))
     assert [p for batch in batches for p in batch["path"]] == [str(s.image) for s in samples]
-    assert datamodule.predict_dataloader().dataset.samples == samples
+    assert datamodule.predict_dataloader().dataset.dataset.samples == samples
 
 
 def test_masks_resized_with_the_image_at_input_resolution(root: Path) -> None:
@@ -119,7 +122,8 @@ def test_val_split_sizes_and_determinism(root: Path) -> None:
     datamodule = _datamodule(root, val_fraction=0.25)
     datamodule.setup("validate")
     batch = next(iter(datamodule.val_dataloader()))
-    assert set(batch) == KEYS and not batch["label"].any() and not batch["mask"].any()
+    assert set(batch) == EVAL_KEYS and not batch["label"].any() and not batch["mask"].any()
+    assert batch["eval_set"] == ["val"] * len(batch["index"]) and datamodule.eval_set_names("val") == ["val"]
 
 
 def test_describe_and_run_name(root: Path) -> None:
@@ -159,7 +163,7 @@ def test_corrupt_png_raises_naming_it_or_is_skipped(tmp_path: Path, caplog: pyte
     datamodule = _datamodule(root)
     datamodule.setup("test")
     dataset = datamodule.test_dataloader().dataset
-    index = [s.image for s in dataset.samples].index(corrupt)
+    index = [s.image for s in dataset.dataset.samples].index(corrupt)
     with pytest.raises(CorruptFileError, match=re.escape(str(corrupt))):
         dataset[index]
 

@@ -19,11 +19,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmarks import leaderboard
-from benchmarks.metrics.video import clip_top1, video_top1
+from benchmarks.metrics.video import ClipTop1, VideoTop1, clip_top1, video_top1
 from datamodules.ucf101 import collate_dropping_skipped
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.video_encoder import VideoEncoder
-from lightning_modules.video_ssl.evaluation import ClipOutputs, VideoClassifier, load_backbone
+from lightning_modules.base import Evaluation
+from lightning_modules.video_ssl.evaluation import VideoClassifier, load_backbone
 
 from conftest import CONFIGS
 from runner import free_port, metrics
@@ -162,20 +163,22 @@ class _EvalClips(Dataset):
         video, clip = divmod(i, CLIPS)
         if video in CORRUPT:
             return None
-        return {"logits": self.logits[i], "label": video % CLASSES, "video_index": video, "clip_index": clip}
+        return {"logits": self.logits[i], "label": video % CLASSES, "video_index": video, "clip_index": clip,
+                "eval_set": "test", "index": i}
 
 
 def _evaluate(loader: DataLoader) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
-    outputs = ClipOutputs(logits=CLASSES)
+    """The evaluation layer over the loader: the gathered clips, the metrics, the batches seen."""
+    evaluation = Evaluation([ClipTop1(), VideoTop1()])
     batches = 0
     for batch in loader:
         if batch is not None:
-            outputs.append(batch, logits=batch["logits"])
+            evaluation.update(batch)
             batches += 1
-    gathered = outputs.gather(torch.device("cpu"))
-    scores = {"clip_top1": clip_top1(gathered["logits"], gathered["label"]),
-              "video_top1": video_top1(gathered["logits"], gathered["label"], gathered["video_index"])}
-    return gathered, scores, batches
+    gathered = evaluation.outputs.gather()["test"]
+    assert evaluation.compute() == {"clip_top1": clip_top1(gathered["logits"], gathered["label"]),
+                                    "video_top1": video_top1(gathered["logits"], gathered["label"], gathered["video_index"])}
+    return gathered, evaluation.compute(), batches
 
 
 def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -192,23 +195,18 @@ def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_clip_outputs_of_two_ranks_give_the_single_process_metrics(tmp_path):
+def test_clip_metrics_of_two_ranks_equal_the_single_process_ones(tmp_path):
     """21 clips on 2 ranks: the sampler pads rank 1 with a repeat of clip 0, the corrupt videos
     leave rank 0 with fewer clips than rank 1 and whole batches of None."""
     mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single, single_scores, _ = _evaluate(DataLoader(_EvalClips(), batch_size=2, collate_fn=collate_dropping_skipped))
-    assert len(single["label"]) == (VIDEOS - len(CORRUPT)) * CLIPS
+    assert len(single["label"]) == (VIDEOS - len(CORRUPT)) * CLIPS and set(single_scores) == {"clip_top1", "video_top1"}
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert [r["seen"] for r in ranks] == [11, 11] and [r["batches"] for r in ranks] == [4, 5]  # 22 = 21 + 1 repeat
     for result in ranks:
         assert result["scores"] == single_scores
         for name, value in single.items():
             assert torch.equal(result["gathered"][name], value), name
-
-
-def test_clip_outputs_of_a_rank_without_batches_are_empty():
-    outputs = ClipOutputs(features=6).gather(torch.device("cpu"))
-    assert outputs["features"].shape == (0, 6) and outputs["video_index"].shape == (0,)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -1,0 +1,90 @@
+"""Official result files, written by ``visionzoo test`` beside ``results.json``.
+
+:class:`SubmissionWriter` is the slot: a test-time callback that writes each evaluated batch's
+files from the batch and the method's ``test_step`` outputs into a staging folder and, once
+every rank has finished, replaces ``<run dir>/<directory>`` with it, so a test that fails half
+way leaves the previous submission whole. Each rank writes the samples it evaluated (a sample
+that the distributed sampler repeats is written twice with the same content). The run
+directory must be shared by the ranks, as it is for checkpoints.
+
+Writers: :class:`MVTecTIFFMaps` (MVTec AD). The benchmark's ``python -m benchmarks.metrics.<benchmark>``
+scores such files with visionzoo's metric code where it has one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class SubmissionWriter(Callback):
+    """Base of the official-file writers (module docstring); subclasses implement :meth:`write_batch`."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _paths(self, trainer: Trainer) -> tuple[Path, Path]:
+        final = Path(trainer.default_root_dir) / self.directory
+        return final, final.with_name(f".{final.name}.partial")
+
+    def write_batch(self, directory: Path, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """Write the files of one test batch under ``directory``."""
+        raise NotImplementedError
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _, staging = self._paths(trainer)
+        if trainer.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        trainer.strategy.barrier()
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch is not None:
+            self.write_batch(self._paths(trainer)[1], batch, outputs)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            final, staging = self._paths(trainer)
+            previous = final.with_name(f".{final.name}.previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            if final.exists():
+                final.rename(previous)
+            staging.rename(final)
+            shutil.rmtree(previous, ignore_errors=True)
+            rank_zero_info(f"{type(self).__name__}: submission files written to {final}")
+
+
+class MVTecTIFFMaps(SubmissionWriter):
+    """Anomaly maps as the official MVTec AD evaluation (``evaluate_experiment.py``) reads them:
+    ``<run dir>/<directory>/<category>/test/<defect>/<image>.tiff``, float32, one channel, at
+    the ground truth's size (run with ``data.mask_resolution: original``, the default).
+
+    ``map_field`` names the ``test_step`` output written (MSFlow: ``anomaly_map``, its
+    localisation map, whose maximum is the official image score; visionzoo's AU-PRO of MSFlow
+    uses its ``detection_map``, so the official script's AU-PRO of these files can differ from
+    ``results.json``'s ``aupro``). The category and defect come from each image's path
+    ``<root>/<category>/test/<defect>/<image>.png``.
+    """
+
+    def __init__(self, directory: str = "mvtec_anomaly_maps", map_field: str = "anomaly_map") -> None:
+        super().__init__(directory)
+        self.map_field = map_field
+
+    def write_batch(self, directory: Path, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
+        if self.map_field not in outputs:
+            raise KeyError(f"MVTecTIFFMaps writes the test_step output {self.map_field!r}; the method returns "
+                           f"{sorted(outputs)} (set map_field)")
+        maps = outputs[self.map_field].detach().float().cpu().numpy()
+        for path, anomaly_map in zip(batch["path"], maps):
+            image = Path(path)
+            target = directory / image.parents[2].name / "test" / image.parent.name / f"{image.stem}.tiff"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(target, np.ascontiguousarray(anomaly_map, dtype=np.float32))

@@ -1,0 +1,126 @@
+"""What every visionzoo method shares: its name, and evaluation through one layer.
+
+Evaluation (DESIGN.md, "Evaluation layer"): a method (an :class:`EvaluatedModule`) returns its
+per-sample outputs from :meth:`~EvaluatedModule.evaluation_outputs` and names its metrics
+(``benchmarks.metrics``) in :meth:`~EvaluatedModule.evaluation_metrics`. The base class merges each batch with the outputs,
+hands them to the stage's :class:`Evaluation` (per-item statistics into
+:class:`~lightning_modules.distributed.indexed_outputs.IndexedOutputs`), and at epoch end gathers
+the items of every rank once each, combines every metric and logs the values as
+``<stage>/<name>``. Batches carry ``eval_set`` and ``index`` (``datamodules.base.EvalSet``), so
+the results do not depend on the order of the loaders or on the world size. A ``None`` batch
+(every sample corrupt and skipped) is left out. ``validation_step``/``test_step`` return the
+outputs, for callbacks (pictures, submission writers).
+
+Every method sets ``method_name`` (a class attribute, or a property where a constructor option
+decides it): the ``<method>`` of ``runs/<benchmark>/<method>/`` and of ``results.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from benchmarks.metrics.base import BenchmarkMetric
+from lightning_modules.distributed.indexed_outputs import INDEX, IndexedOutputs
+
+Stage = Literal["val", "test"]
+EVAL_SET = "eval_set"
+
+
+class Evaluation:
+    """The metrics of one evaluation pass over indexed outputs (module docstring)."""
+
+    def __init__(self, metrics: Sequence[BenchmarkMetric]) -> None:
+        self.metrics = list(metrics)
+        self.outputs = IndexedOutputs()
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """One batch: its fields merged with the method's outputs, with ``eval_set`` and ``index``."""
+        for key in (EVAL_SET, INDEX):
+            if key not in values:
+                raise KeyError(f"an evaluation batch needs the field {key!r} (wrap the eval dataset in "
+                               "datamodules.base.EvalSet); it has " + ", ".join(sorted(values)))
+        rows: dict[str, Tensor] = {}
+        for metric in self.metrics:
+            missing = [field for field in metric.fields if field not in values]
+            if missing:
+                raise KeyError(f"{type(metric).__name__} reads {missing} from the batch or the method's outputs, "
+                               f"which have {sorted(values)}")
+            rows.update(metric.statistics(**{field: values[field] for field in metric.fields}))
+        self.outputs.append(values[EVAL_SET], values[INDEX], **rows)
+
+    def compute(self, across_ranks: bool = True) -> dict[str, float]:
+        """Every metric's values over all items of every rank (each item once)."""
+        sets = self.outputs.gather(across_ranks)
+        results: dict[str, float] = {}
+        for metric in self.metrics:
+            values = metric.combine(sets)
+            clash = results.keys() & values.keys()
+            if clash:
+                raise ValueError(f"{type(metric).__name__} reports {sorted(clash)}, already reported by another metric")
+            results.update(values)
+        return results
+
+
+class VisionZooModule(LightningModule):
+    """Base of every method: its ``method_name`` (module docstring). A method evaluated by its
+    benchmark's metrics extends :class:`EvaluatedModule`; a pretraining method without an
+    evaluation of its own (SeCo, CMD, CSTP) extends this one, so that Lightning runs no
+    validation loop for it."""
+
+    method_name: str
+
+
+class EvaluatedModule(VisionZooModule):
+    """A method evaluated through the evaluation layer (module docstring)."""
+
+    def evaluation_metrics(self, stage: Stage) -> list[BenchmarkMetric]:
+        """The metrics of validation (``val``) or ``test``; none by default."""
+        return []
+
+    def evaluation_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-sample outputs of an evaluation batch, named as the metrics' fields."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate: it has no evaluation_outputs")
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def _start(self, stage: Stage) -> None:
+        self._evaluations = getattr(self, "_evaluations", {})
+        self._evaluations[stage] = Evaluation(self.evaluation_metrics(stage))
+
+    def _step(self, stage: Stage, batch: dict[str, Any] | None) -> dict[str, Tensor] | None:
+        if batch is None:
+            return None
+        outputs = self.evaluation_outputs(batch)
+        self._evaluations[stage].update({**batch, **outputs})
+        return outputs
+
+    def _end(self, stage: Stage) -> None:
+        evaluation = self._evaluations.pop(stage)
+        if evaluation.metrics and not self.trainer.sanity_checking:
+            # Every rank combines the same gathered items, so every rank logs the same values; as
+            # float64 tensors, which Lightning keeps (a Python float is logged in float32).
+            values = {f"{stage}/{key}": torch.tensor(value, dtype=torch.float64) for key, value in evaluation.compute().items()}
+            self.log_dict(values, sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start("val")
+
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        return self._step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start("test")
+
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        return self._step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._end("test")

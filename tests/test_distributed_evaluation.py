@@ -1,0 +1,83 @@
+"""``visionzoo test`` on 2 gloo ranks gives the metrics of one process, on every benchmark.
+
+The DistributedSampler splits a test set over the ranks and pads the last rank's share with
+repeats when the set does not divide by the world size; the evaluation layer must gather every
+rank's items, count each once and keep the dataset order. Each case here has such a set:
+
+- MVTec AD: 13 test images of one category (5 good, 2 per defect);
+- UCF101 retrieval: 35 query videos against 90 gallery videos, one clip each (two eval sets);
+- MS1M verification: the mini ``.bin`` sets (pairs of images: an even count, but the two images
+  of every pair land on different ranks).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS
+from runner import visionzoo
+
+pytestmark = pytest.mark.slow
+
+TWO_RANKS = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+ONE_PROCESS = ["--config", str(CONFIGS / "trainer/cpu.yaml")]
+
+
+def _test_metrics(args: list[str], cwd: Path, root: Path, extra: list[str]) -> dict[str, float]:
+    visionzoo("test", *args, *extra, "--trainer.default_root_dir", str(root), cwd=cwd)
+    results = json.loads((root / "results.json").read_text())
+    return results["metrics"]
+
+
+def _assert_same(single: dict[str, float], two: dict[str, float]) -> None:
+    assert single.keys() == two.keys()
+    # The same items in the same order; only a convolution's float rounding may depend on how
+    # many images share a batch (1e-6 of a metric is far below any reported digit).
+    for name in single:
+        assert two[name] == pytest.approx(single[name], abs=1e-6), name
+
+
+def test_mvtec_test_on_two_ranks_equals_one_process(tmp_path):
+    from datamodules.mini.mvtec import write_mvtec
+
+    data = tmp_path / "mvtec"
+    write_mvtec(data, categories=["weave"], n_train=8, n_test_good=5, n_test_per_defect=2, seed=0)
+    args = ["--config", str(CONFIGS / "mvtec/msflow.yaml"), "--config", str(CONFIGS / "mvtec/mini.yaml"),
+            "--data.init_args.root", str(data), "--data.init_args.image_size", "64", "--data.init_args.batch_size", "4"]
+    run = tmp_path / "fit"
+    visionzoo("fit", *args, *ONE_PROCESS, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run), cwd=tmp_path)
+    checkpoint = ["--ckpt_path", str(run / "checkpoints/last.ckpt")]
+    single = _test_metrics(args, tmp_path, tmp_path / "single", [*ONE_PROCESS, *checkpoint])
+    two = _test_metrics(args, tmp_path, tmp_path / "two", [*TWO_RANKS, *checkpoint])
+    assert set(single) == {"image_auroc", "image_auroc_max", "pixel_auroc", "aupro"}
+    _assert_same(single, two)
+    # The official-format maps: one per test image, whatever the world size.
+    tiffs = sorted(p.relative_to(tmp_path / "two" / "mvtec_anomaly_maps") for p in (tmp_path / "two").rglob("*.tiff"))
+    assert len(tiffs) == 13 and tiffs == sorted(p.relative_to(tmp_path / "single" / "mvtec_anomaly_maps")
+                                                for p in (tmp_path / "single").rglob("*.tiff"))
+
+
+def test_ucf101_retrieval_on_two_ranks_equals_one_process(mini_ucf101, tmp_path):
+    args = ["--config", str(CONFIGS / "ucf101/retrieval.yaml"), "--config", str(CONFIGS / "ucf101/mini.yaml"),
+            "--data.init_args.root", str(mini_ucf101), "--data.init_args.num_frames", "4",
+            "--data.init_args.image_size", "32", "--data.init_args.resize", "36", "--data.init_args.test_clips", "1"]
+    single = _test_metrics(args, tmp_path, tmp_path / "single", ONE_PROCESS)
+    two = _test_metrics(args, tmp_path, tmp_path / "two", TWO_RANKS)
+    assert list(single) == ["R@1", "R@5", "R@10", "R@20", "R@50"]
+    _assert_same(single, two)
+
+
+def test_ms1m_verification_on_two_ranks_equals_one_process(mini_ms1m, tmp_path):
+    args = ["--config", str(CONFIGS / "ms1m/arcface_r50.yaml"), "--config", str(CONFIGS / "ms1m/mini.yaml"),
+            "--data.init_args.root", str(mini_ms1m)]
+    run = tmp_path / "fit"
+    visionzoo("fit", *args, *ONE_PROCESS, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+              "--trainer.default_root_dir", str(run), cwd=tmp_path)
+    checkpoint = ["--ckpt_path", str(run / "checkpoints/last.ckpt")]
+    single = _test_metrics(args, tmp_path, tmp_path / "single", [*ONE_PROCESS, *checkpoint])
+    two = _test_metrics(args, tmp_path, tmp_path / "two", [*TWO_RANKS, *checkpoint])
+    assert {"lfw_acc", "lfw_std", "cfp_fp_acc", "agedb_30_acc", "acc"} <= set(single)
+    _assert_same(single, two)
