@@ -12,7 +12,10 @@ the results do not depend on the order of the loaders or on the world size. A ``
 outputs, for callbacks (pictures, submission writers).
 
 Every method sets ``method_name`` (a class attribute, or a property where a constructor option
-decides it): the ``<method>`` of ``runs/<benchmark>/<method>/`` and of ``results.json``.
+decides it): the ``<method>`` of ``runs/<benchmark>/<method>/`` and of ``results.json``. Work
+that must follow each optimizer step, such as a momentum encoder's update, goes in
+:meth:`VisionZooModule.after_optimizer_step`, which runs once per step under gradient
+accumulation (``on_train_batch_end`` runs once per batch).
 """
 
 from __future__ import annotations
@@ -73,6 +76,21 @@ class VisionZooModule(LightningModule):
     validation loop for it."""
 
     method_name: str
+
+    # ----------------------------------------------------------------------- optimizer steps
+
+    def after_optimizer_step(self) -> None:
+        """Work that follows each optimizer step (a momentum encoder's EMA update): called once
+        per step, so every ``accumulate_grad_batches`` training batches, not after every batch."""
+
+    def on_train_start(self) -> None:
+        self._optimizer_steps = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step counts optimizer steps; it has moved when this batch ended one.
+        if self.trainer.global_step != self._optimizer_steps:
+            self._optimizer_steps = self.trainer.global_step
+            self.after_optimizer_step()
 
 
 class EvaluatedModule(VisionZooModule):

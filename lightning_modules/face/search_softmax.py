@@ -118,6 +118,7 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """At the epoch's last batch, before Lightning's validation: reward, copy the best, update π."""
+        super().on_train_batch_end(outputs, batch, batch_idx)
         last_batch = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if last_batch and self.current_epoch >= self.hparams.first_rewarded_epoch:
             accuracies = self.search_step(self._reward_accuracy(), self.trainer.optimizers)

@@ -138,9 +138,8 @@ class SemiSiameseTraining(FaceRecognitionModule):
         self.queue_identity[slots] = batch_identity
         self.queue_pointer.copy_((self.queue_pointer + len(slots)) % self.queue.shape[0])
 
-    @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """θ_g ← α·θ_g + (1 − α)·θ_p after the optimizer step."""
+    def after_optimizer_step(self) -> None:
+        """θ_g ← α·θ_g + (1 − α)·θ_p after each optimizer step."""
         momentum_update_(self.gallery, self.backbone, self.hparams.gallery_momentum)
 
     def configure_model(self) -> None:

@@ -136,11 +136,9 @@ class CSTP(VisionZooModule):
         }, batch_size=batch_size)
         return loss
 
-    @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """θ_target ← m·θ_target + (1 − m)·θ_online after every training batch (every optimizer step
-        without gradient accumulation), for the backbone and the projector; the code updates at the
-        start of every forward, which gives the same targets."""
+    def after_optimizer_step(self) -> None:
+        """θ_target ← m·θ_target + (1 − m)·θ_online after every optimizer step, for the backbone and
+        the projector; the code updates at the start of every forward, which gives the same targets."""
         momentum_update_(self.target_encoder, self.backbone, self.hparams.target_momentum)
         momentum_update_(self.target_projector, self.projector, self.hparams.target_momentum)
 

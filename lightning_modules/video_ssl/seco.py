@@ -243,8 +243,8 @@ class SeCo(VisionZooModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """The key encoder follows the query encoder after the optimizer step."""
+    def after_optimizer_step(self) -> None:
+        """The key encoder follows the query encoder after each optimizer step."""
         self.update_key_encoder()
 
     # ----------------------------------------------------------------------------- optimisation

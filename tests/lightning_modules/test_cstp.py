@@ -176,7 +176,9 @@ class _FakeSTORBatches(Dataset):
                 "rotation_label1": i % 4, "rotation_label2": (i + 2) % 4}
 
 
-def test_target_is_an_ema_of_the_online_network_updated_every_step(tmp_path):
+@pytest.mark.parametrize("accumulate_grad_batches", [1, 2])
+def test_target_is_an_ema_of_the_online_network_updated_every_step(accumulate_grad_batches, tmp_path):
+    """One optimizer step over 4 samples, in one batch or accumulated over two: one EMA update."""
     torch.manual_seed(0)
     model = CSTP(backbone="test_resnet", hidden_dim=64, projection_dim=32)  # a tiny timm net, averaged over frames
     with torch.no_grad():  # make the target differ from the online network
@@ -184,8 +186,9 @@ def test_target_is_an_ema_of_the_online_network_updated_every_step(tmp_path):
             p.add_(torch.randn_like(p))
     old = [p.clone() for p in [*model.target_encoder.parameters(), *model.target_projector.parameters()]]
     trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, DataLoader(_FakeSTORBatches(), batch_size=4))
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      accumulate_grad_batches=accumulate_grad_batches)
+    trainer.fit(model, DataLoader(_FakeSTORBatches(), batch_size=4 // accumulate_grad_batches))
     online = [*model.backbone.parameters(), *model.projector.parameters()]
     target = [*model.target_encoder.parameters(), *model.target_projector.parameters()]
     assert not torch.equal(online[0], old[0])

@@ -201,7 +201,7 @@ def test_key_encoder_follows_by_momentum_and_copies_at_alpha_0():
         for p in online:
             p.add_(1.0)
     before = [p.clone() for p in model.key_encoder.parameters()]
-    model.on_train_batch_end(None, None, 0)
+    model.after_optimizer_step()
     for old, new, query in zip(before, model.key_encoder.parameters(), online, strict=True):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * query)
     with torch.no_grad():

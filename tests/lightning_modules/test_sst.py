@@ -103,7 +103,7 @@ def test_gallery_follows_the_probe_by_momentum_and_keeps_batchnorm_training():
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.add_(1.0)
-    model.on_train_batch_end(None, None, 0)
+    model.after_optimizer_step()
     for old, new, probe in zip(before, model.gallery.parameters(), model.backbone.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * probe)
     assert not any(p.requires_grad for p in model.gallery.parameters())
