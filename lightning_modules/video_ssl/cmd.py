@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import VisionZooModule
-from lightning_modules.batch_size import global_batch_size
+from lightning_modules.batch_size import scaled_lr
 from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys, zero_init_residual_
 from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
@@ -153,7 +153,7 @@ class CMD(VisionZooModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         total_steps = int(self.trainer.estimated_stepping_batches)
-        lr = hp.lr_per_sample * global_batch_size(self.trainer)  # the code's linear rule
+        lr = scaled_lr(self.trainer, hp.lr_per_sample, 1, self.method_name)  # the code's linear rule, per sample
         optimizer = torch.optim.SGD(
             self.parameters(), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
         )

@@ -33,13 +33,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.video import RETRIEVAL_KS, ClipTop1, RetrievalRecall, VideoTop1
 from lightning_modules.base import EvaluatedModule, Stage
-from lightning_modules.batch_size import global_batch_size
+from lightning_modules.batch_size import scaled_lr
 from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 
@@ -186,11 +185,7 @@ class VideoClassifier(EvaluatedModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         total_steps = int(self.trainer.estimated_stepping_batches)
-        lr = hp.lr
-        if hp.lr_batch_size is not None:
-            global_batch = global_batch_size(self.trainer)
-            lr = hp.lr * global_batch / hp.lr_batch_size
-            rank_zero_info(f"{self.method_name}: lr {lr:g} = {hp.lr:g} x global batch {global_batch} / {hp.lr_batch_size}")
+        lr = scaled_lr(self.trainer, hp.lr, hp.lr_batch_size, self.method_name)
         trained = [p for p in self.parameters() if p.requires_grad]  # the linear layer only when frozen
         optimizer = torch.optim.SGD(trained, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov,
                                     weight_decay=hp.weight_decay)

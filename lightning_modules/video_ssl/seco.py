@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.base import VisionZooModule
-from lightning_modules.batch_size import global_batch_size
+from lightning_modules.batch_size import scaled_lr
 from lightning_modules.distributed.comm import all_gather
 from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
 from lightning_modules.nn.contrastive import (
@@ -252,9 +252,7 @@ class SeCo(VisionZooModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         total_steps = int(self.trainer.estimated_stepping_batches)
-        global_batch = global_batch_size(self.trainer)
-        lr = hp.base_lr * global_batch / 256
-        rank_zero_info(f"SeCo: lr {lr:g} = {hp.base_lr:g} x global batch {global_batch} / 256")
+        lr = scaled_lr(self.trainer, hp.base_lr, 256, self.method_name)  # the authors' base lr per 256 samples
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(parameters, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
