@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import EvalSet, VisionZooDataModule
-from datamodules.formats.images import CorruptFileError, decode_image, read_image
+from datamodules.corrupt import CorruptSamples
+from datamodules.formats.images import decode_image, read_image
 from datamodules.layout import layout_error
 from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
 from datamodules.formats.recordio import (
@@ -42,7 +43,6 @@ SIZE = 112
 DEFAULT_VAL_SETS = ("lfw", "cfp_fp", "agedb_30")
 RECORDIO_FILES = ("train.rec", "train.idx", "property")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_MAX_REPLACEMENTS = 100
 
 
 def face_size(image: np.ndarray) -> np.ndarray:
@@ -63,41 +63,25 @@ class FaceDataset(AugmentationRNG, Dataset):
     (the record key or folder position). Subclasses read one sample in :meth:`read`.
 
     With ``skip_corrupt`` an image that cannot be decoded is replaced by a random other sample,
-    logged and counted in :attr:`num_skipped`, a shared-memory counter that the DataLoader workers
-    add to (without a lock: in the rare case of two workers counting at the same instant it can
-    miss one). Random numbers (flips, replacements) come from :attr:`generator`, so that a
-    resumed run draws the same ones (:mod:`datamodules.resumable`).
+    logged and counted in :attr:`num_skipped` (:mod:`datamodules.corrupt`). Random numbers
+    (flips, replacements) come from :attr:`generator`, so that a resumed run draws the same ones
+    (:mod:`datamodules.resumable`).
     """
 
     def __init__(self, horizontal_flip: bool, skip_corrupt: bool) -> None:
         self.horizontal_flip = horizontal_flip
-        self.skip_corrupt = skip_corrupt
-        self._skipped = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.corrupt = CorruptSamples(skip_corrupt, "training image")
 
     @property
     def num_skipped(self) -> int:
-        return int(self._skipped)
+        return self.corrupt.count
 
     def read(self, i: int) -> tuple[np.ndarray, int, int]:
         """Sample ``i`` as (112x112 RGB uint8 image, label, index); CorruptFileError names it."""
         raise NotImplementedError
 
-    def _read_valid(self, i: int) -> tuple[np.ndarray, int, int]:
-        for _ in range(_MAX_REPLACEMENTS):
-            try:
-                return self.read(i)
-            except CorruptFileError as error:
-                if not self.skip_corrupt:
-                    raise
-                self._skipped += 1
-                log.warning("skipping a corrupt training image, replaced by a random one: %s", error)
-                i = int(torch.randint(len(self), (), generator=self.generator))
-        raise RuntimeError(
-            f"{_MAX_REPLACEMENTS} corrupt training images in a row; is the dataset corrupt as a whole?"
-        )
-
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image, label, index = self._read_valid(i)
+        image, label, index = self.corrupt.read_or_replace(self.read, i, len(self), self.generator)
         if self.horizontal_flip and torch.rand((), generator=self.generator) < 0.5:
             image = image[:, ::-1]
         return {"image": to_tensor(image), "label": label, "index": index}

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from datamodules.base import EvalSet, VisionZooDataModule
+from datamodules.corrupt import CorruptSamples
 from datamodules.clips import (
     clip_indices, clip_span, eval_clip, random_start, train_clip, uniform_starts,
 )
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 VIDEO_FOLDER = "UCF-101"
 LIST_FOLDER = "ucfTrainTestlist"
-_MAX_REPLACEMENTS = 50
 
 
 @dataclass(frozen=True)
@@ -125,26 +125,21 @@ class ClipSampler:
 
 
 class _VideoFiles(AugmentationRNG, Dataset):
-    """Opens videos with the chosen backend; counts corrupt ones in shared memory (the
-    DataLoader workers add to it, see :class:`datamodules.ms1m.FaceDataset`)."""
+    """Opens videos with the chosen backend; skips and counts corrupt ones if asked
+    (:mod:`datamodules.corrupt`)."""
 
     def __init__(self, records: list[VideoRecord], backend: Backend, decode_threads: int, skip_corrupt: bool) -> None:
         self.records = records
         self.backend = backend
         self.decode_threads = decode_threads
-        self.skip_corrupt = skip_corrupt
-        self._skipped = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.corrupt = CorruptSamples(skip_corrupt, "video", max_in_a_row=50)
 
     @property
     def num_skipped(self) -> int:
-        return int(self._skipped)
+        return self.corrupt.count
 
     def _open(self, record: VideoRecord) -> VideoReader:
         return VideoReader(record.path, self.backend, self.decode_threads)
-
-    def _count_skip(self, error: Exception, action: str) -> None:
-        self._skipped += 1
-        log.warning("corrupt video %s (%d skipped so far): %s", action, self.num_skipped, error)
 
 
 class TrainVideos(_VideoFiles):
@@ -160,19 +155,13 @@ class TrainVideos(_VideoFiles):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _sample(self, i: int) -> dict[str, Any]:
+        record = self.records[i]
+        sample = self.sampler(self._open(record), record, self.spec, self.generator)
+        return {**sample, "label": record.label, "path": str(record.path), "video_index": i}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        for _ in range(_MAX_REPLACEMENTS):
-            record = self.records[i]
-            try:
-                sample = self.sampler(self._open(record), record, self.spec, self.generator)
-            except CorruptFileError as error:
-                if not self.skip_corrupt:
-                    raise
-                self._count_skip(error, "replaced by a random one")
-                i = int(torch.randint(len(self), (), generator=self.generator))
-                continue
-            return {**sample, "label": record.label, "path": str(record.path), "video_index": i}
-        raise RuntimeError(f"{_MAX_REPLACEMENTS} corrupt videos in a row; is the dataset corrupt as a whole?")
+        return self.corrupt.read_or_replace(self._sample, i, len(self), self.generator)
 
 
 class EvalClips(_VideoFiles):
@@ -198,10 +187,10 @@ class EvalClips(_VideoFiles):
             start = uniform_starts(len(video), spec.span, self.clips_per_video)[clip_index]
             frames = video.frames(clip_indices(start, spec.num_frames, spec.frame_stride, len(video)))
         except CorruptFileError as error:
-            if not self.skip_corrupt:
-                raise
             if clip_index == 0:
-                self._count_skip(error, "left out of the evaluation")
+                self.corrupt.skip(error, "left out of the evaluation")
+            elif not self.corrupt.skip_corrupt:
+                raise
             return None
         return {"video": eval_clip(frames, self.spec.image_size, self.spec.resize), "label": record.label,
                 "path": str(record.path), "video_index": video_index, "clip_index": clip_index}
