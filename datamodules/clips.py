@@ -1,5 +1,7 @@
 """Clip sampling in time and clip augmentation in space, shared by the video DataModules and
-their pretext samplers.
+their pretext samplers: a dataset's videos (:class:`VideoRecord`), the clip geometry of a
+DataModule (:class:`ClipSpec`), and the training sampler that pretext tasks subclass
+(:class:`ClipSampler`).
 
 A clip is ``num_frames`` frames ``frame_stride`` apart; it spans (num_frames − 1)·stride + 1
 frames. Frames past the end of a short video repeat its last frame. Every spatial transform
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+
+from datamodules.formats.video import VideoReader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,3 +156,53 @@ def train_clip(frames: np.ndarray, size: int, generator: torch.Generator, scale:
 def eval_clip(frames: np.ndarray, size: int, resize: int) -> Tensor:
     """The usual test view: the short side resized to ``resize``, the centre ``size``² crop."""
     return to_model_input(center_crop(resize_short_side(as_clip(frames), resize), size))
+
+
+# --------------------------------------------------------------------------- videos, geometry, samplers
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a dataset's list: its file, its 0-based label, its path as listed (relative
+    to the dataset's video folder) and the dataset's root, beside which derived trees (CMD's
+    re-encoded videos) live."""
+
+    path: Path
+    label: int
+    name: str
+    root: Path
+
+    @property
+    def video_folder(self) -> Path:
+        """The folder that ``name`` is relative to (``<root>/UCF-101`` for UCF101)."""
+        return self.path.parents[len(Path(self.name).parts) - 1]
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """The clip geometry of a DataModule: ``num_frames`` frames ``frame_stride`` apart, the
+    short side resized to ``resize``, crops of ``image_size``²."""
+
+    num_frames: int
+    frame_stride: int
+    image_size: int
+    resize: int
+
+    @property
+    def span(self) -> int:
+        return clip_span(self.num_frames, self.frame_stride)
+
+
+class ClipSampler:
+    """One training sample from one video: a clip of the DataModule's :class:`ClipSpec` at a
+    random position, randomly crop-resized (area fraction ``crop_scale``) and flipped, as dict
+    ``video`` [3, T, H, W]. Pretext samplers subclass it, keep their own options in
+    ``__init__`` and return their own fields."""
+
+    def __init__(self, crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.crop_scale = crop_scale
+
+    def __call__(self, video: VideoReader, record: VideoRecord, spec: ClipSpec, generator: torch.Generator) -> dict[str, Any]:
+        start = random_start(len(video), spec.span, generator)
+        frames = video.frames(clip_indices(start, spec.num_frames, spec.frame_stride, len(video)))
+        return {"video": train_clip(frames, spec.image_size, generator, self.crop_scale, spec.resize)}

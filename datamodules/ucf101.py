@@ -24,18 +24,14 @@ the gallery of clip retrieval).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import torch
 from torch.utils.data import Dataset, default_collate
 
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.corrupt import CorruptSamples
-from datamodules.clips import (
-    clip_indices, clip_span, eval_clip, random_start, train_clip, uniform_starts,
-)
+from datamodules.clips import ClipSampler, ClipSpec, VideoRecord, clip_indices, eval_clip, uniform_starts
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import Backend, VideoReader
 from datamodules.layout import layout_error
@@ -45,15 +41,6 @@ log = logging.getLogger(__name__)
 
 VIDEO_FOLDER = "UCF-101"
 LIST_FOLDER = "ucfTrainTestlist"
-
-
-@dataclass(frozen=True)
-class VideoRecord:
-    """One video of a split list: its file, its 0-based label, its relative path as listed."""
-
-    path: Path
-    label: int
-    name: str
 
 
 def read_class_index(path: Path) -> list[str]:
@@ -73,9 +60,10 @@ def read_class_index(path: Path) -> list[str]:
     return classes
 
 
-def read_split_list(path: Path, classes: list[str], video_root: Path) -> list[VideoRecord]:
-    """The videos of a ``trainlist``/``testlist`` file. The class comes from the folder part of
-    each line; a label given on the line (train lists, 1-based) must agree with it."""
+def read_split_list(path: Path, classes: list[str], root: Path) -> list[VideoRecord]:
+    """The videos of a ``trainlist``/``testlist`` file of the dataset at ``root``. The class comes
+    from the folder part of each line; a label given on the line (train lists, 1-based) must agree
+    with it."""
     label_of = {name: i for i, name in enumerate(classes)}
     records = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -90,38 +78,8 @@ def read_split_list(path: Path, classes: list[str], video_root: Path) -> list[Vi
         if len(fields) > 1 and fields[1] != str(label + 1):
             raise ValueError(f"{path}:{line_number}: label {fields[1]} disagrees with classInd.txt, "
                              f"which gives {folder} the label {label + 1}")
-        records.append(VideoRecord(video_root / name, label, name))
+        records.append(VideoRecord(root / VIDEO_FOLDER / name, label, name, root))
     return records
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """The clip geometry of a DataModule: ``num_frames`` frames ``frame_stride`` apart, the
-    short side resized to ``resize``, crops of ``image_size``²."""
-
-    num_frames: int
-    frame_stride: int
-    image_size: int
-    resize: int
-
-    @property
-    def span(self) -> int:
-        return clip_span(self.num_frames, self.frame_stride)
-
-
-class ClipSampler:
-    """One training sample from one video: a clip of the DataModule's :class:`ClipSpec` at a
-    random position, randomly crop-resized (area fraction ``crop_scale``) and flipped, as dict
-    ``video`` [3, T, H, W]. Pretext samplers subclass it, keep their own options in
-    ``__init__`` and return their own fields."""
-
-    def __init__(self, crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
-        self.crop_scale = crop_scale
-
-    def __call__(self, video: VideoReader, record: VideoRecord, spec: ClipSpec, generator: torch.Generator) -> dict[str, Any]:
-        start = random_start(len(video), spec.span, generator)
-        frames = video.frames(clip_indices(start, spec.num_frames, spec.frame_stride, len(video)))
-        return {"video": train_clip(frames, spec.image_size, generator, self.crop_scale, spec.resize)}
 
 
 class _VideoFiles(AugmentationRNG, Dataset):
@@ -264,7 +222,7 @@ class UCF101DataModule(VisionZooDataModule):
 
     def records(self, which: Literal["train", "test"]) -> list[VideoRecord]:
         """The videos of this split's train or test list."""
-        return read_split_list(self.list_folder / f"{which}list0{self.split}.txt", self.classes, self.root / VIDEO_FOLDER)
+        return read_split_list(self.list_folder / f"{which}list0{self.split}.txt", self.classes, self.root)
 
     @property
     def num_skipped(self) -> int:

@@ -1,1 +1,1 @@
-"""Training samplers of pretext tasks: each builds one training sample from one video (see datamodules.ucf101.ClipSampler)."""
+"""Training samplers of pretext tasks: each builds one training sample from one video (see datamodules.clips.ClipSampler)."""

@@ -83,7 +83,7 @@ from datamodules.clips import (
 from datamodules.formats.compressed_video import CompressedVideo, flip_motion_vectors, mv_preprocess
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import VideoReader
-from datamodules.ucf101 import ClipSampler, ClipSpec, VideoRecord
+from datamodules.clips import ClipSampler, ClipSpec, VideoRecord
 
 Box = tuple[int, int, int, int]
 
@@ -189,13 +189,11 @@ class ContextMotionClips(ClipSampler):
         """The MPEG-4 file of a video: ``compressed_root/<Class>/<video>.avi``, or the video itself."""
         if self.compressed_root is None:
             return record.path
-        dataset_root = record.path.parents[2]  # <root>/UCF-101/<Class>/<video>.avi
-        path = dataset_root / self.compressed_root / record.name  # an absolute compressed_root wins
+        path = record.root / self.compressed_root / record.name  # an absolute compressed_root wins
         if not path.is_file():
-            video_folder = record.path.parents[1]
             raise FileNotFoundError(
                 f"CMD: the re-encoded video {path} (of {record.path}) is missing; re-encode the videos once with "
-                f"`python -m datamodules.formats.compressed_video reencode {video_folder} {dataset_root / self.compressed_root}`, "
+                f"`python -m datamodules.formats.compressed_video reencode {record.video_folder} {record.root / self.compressed_root}`, "
                 "or set train_sampler.init_args.compressed_root to null if the videos are already MPEG-4 Part 2 "
                 "without B-frames"
             )

@@ -56,7 +56,7 @@ from datamodules.clips import (
     random_start, resize_short_side, to_model_input,
 )
 from datamodules.formats.video import VideoReader
-from datamodules.ucf101 import ClipSampler, ClipSpec, VideoRecord
+from datamodules.clips import ClipSampler, ClipSpec, VideoRecord
 
 Box = tuple[int, int, int, int]  # (top, left, height, width)
 

@@ -35,7 +35,7 @@ from datamodules.clips import (
 )
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import VideoReader
-from datamodules.ucf101 import ClipSampler, ClipSpec, VideoRecord
+from datamodules.clips import ClipSampler, ClipSpec, VideoRecord
 
 
 class SeCoFrames(ClipSampler):

@@ -38,11 +38,12 @@ def test_class_index_keeps_its_case_insensitive_order_and_labels_are_0_based(min
     classes = read_class_index(lists / "classInd.txt")  # the file has CRLF line ends
     assert classes == ["Hammering", "HammerThrow", "HandstandPushups", "JumpingJack", "JumpRope"]
     assert sorted(classes) != classes  # what torchvision's sorted(list_dir(root)) would do wrong
-    train = read_split_list(lists / "trainlist01.txt", classes, mini_ucf101 / "UCF-101")
+    train = read_split_list(lists / "trainlist01.txt", classes, mini_ucf101)
     handstand = [r for r in train if r.label == 2]
     assert handstand and all(r.path.is_file() and r.path.name.startswith("v_HandStandPushups_") for r in handstand)
     assert {r.label for r in train} == set(range(5))
     assert [r.label for r in train if r.name.startswith("JumpRope/")][0] == 4
+    assert all(r.root == mini_ucf101 and r.video_folder == mini_ucf101 / "UCF-101" for r in train)
 
 
 def test_split_k_tests_on_groups_7k_minus_6_to_7k(mini_ucf101):

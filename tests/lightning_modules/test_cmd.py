@@ -18,7 +18,8 @@ from datamodules.clips import crop_resize
 from datamodules.formats.compressed_video import CompressedVideo
 from datamodules.formats.video import VideoReader
 from datamodules.pretext.cmd import ContextMotionClips, clip_and_future, motion_view, negative_starts
-from datamodules.ucf101 import ClipSpec, UCF101DataModule
+from datamodules.clips import ClipSpec
+from datamodules.ucf101 import UCF101DataModule
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.cmd import GridEmbedding, gathered_info_nce, motion_keys
 from lightning_modules.nn.video_resnet import cmd_tokens

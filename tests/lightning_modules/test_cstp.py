@@ -20,7 +20,7 @@ from datamodules.pretext.cstp import (
     OVERLAP_RATES, PACES, STORClips, draw_overlap_crop, draw_pace_label, draw_temporal_pair, overlap_crop_box,
     temporal_offset,
 )
-from datamodules.ucf101 import ClipSpec, VideoRecord
+from datamodules.clips import ClipSpec, VideoRecord
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.byol import symmetric_byol_loss
 from lightning_modules.nn.stor_heads import STORHeads
@@ -128,7 +128,7 @@ def test_sampler_gives_two_clips_with_one_pace_and_labels_true_to_the_frames():
     spec = ClipSpec(num_frames=8, frame_stride=3, image_size=32, resize=40)
     sampler = STORClips()
     generator = torch.Generator().manual_seed(0)
-    record = VideoRecord(Path("v.avi"), 0, "c/v.avi")
+    record = VideoRecord(Path("UCF-101/c/v.avi"), 0, "c/v.avi", Path("."))
     paces = set()
     for _ in range(30):
         video = _FakeVideo(50)

@@ -23,7 +23,8 @@ from datamodules.clips import IMAGENET_MEAN, IMAGENET_STD, ColorAugment
 from datamodules.formats.video import VideoReader
 from datamodules.mini.ucf101 import write_avi
 from datamodules.pretext.seco import SeCoFrames
-from datamodules.ucf101 import ClipSpec, UCF101DataModule, VideoRecord
+from datamodules.clips import ClipSpec, VideoRecord
+from datamodules.ucf101 import UCF101DataModule
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.contrastive import (
     FeatureQueue, ProjectionHead, info_nce_logits, info_nce_loss, positive_top1, two_way_logits,
@@ -84,7 +85,7 @@ def test_sampler_returns_four_augmented_views_of_the_chosen_frames(tmp_path):
     plain = SeCoFrames(color=ColorAugment(p_jitter=0.0, p_gray=0.0, p_blur=0.0))
     generator = torch.Generator().manual_seed(0)
     for _ in range(10):
-        sample = plain(video, VideoRecord(path, 0, "x"), spec, generator)
+        sample = plain(video, VideoRecord(path, 0, path.name, path.parent), spec, generator)
         query, early, late = sample["frame_index"].tolist()
         assert sample["order_label"] == int(query >= 15) and early <= late
         brightness = {}
@@ -94,7 +95,7 @@ def test_sampler_returns_four_augmented_views_of_the_chosen_frames(tmp_path):
             brightness[name] = float(pixels.mean()) * 255 / 8
         np.testing.assert_allclose([brightness[n] for n in ("query", "positive", "other_early", "other_late")],
                                    [query, query, early, late], atol=0.6)
-    augmented = SeCoFrames()(video, VideoRecord(path, 0, "x"), spec, torch.Generator().manual_seed(1))
+    augmented = SeCoFrames()(video, VideoRecord(path, 0, path.name, path.parent), spec, torch.Generator().manual_seed(1))
     assert not torch.equal(augmented["query"], augmented["positive"])  # two augmentations of one frame
 
 

@@ -271,7 +271,7 @@ def test_linear_probe_and_retrieval_of_a_pretrained_backbone_beat_chance(mini_uc
     evaluation = [*TINY_CLIPS, "--model.init_args.pretrained_checkpoint", checkpoint, "--run_name", "cstp"]
 
     probe = [*_config_args("linear_probe", mini_ucf101), *evaluation, "--trainer.max_epochs", "12",
-             "--trainer.limit_val_batches", "0", "--data.init_args.train_sampler", "datamodules.ucf101.ClipSampler",
+             "--trainer.limit_val_batches", "0", "--data.init_args.train_sampler", "datamodules.clips.ClipSampler",
              "--data.init_args.train_sampler.init_args.crop_scale", "[0.6, 1.0]"]
     VisionZooCLI(args=["fit", *probe])
     VisionZooCLI(args=["test", *probe, "--ckpt_path", "last"])
