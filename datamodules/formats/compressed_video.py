@@ -11,13 +11,12 @@ This module reproduces CoViAR's I-frame and non-accumulated MV representations f
 is a P-frame predicted from the previous frame. Videos must therefore be re-encoded once, offline,
 before CMD can read them. For UCF101::
 
-    python -m datamodules.formats.compressed_video reencode \
-        <root>/UCF-101 <root>/UCF-101-mpeg4 --workers 8
+    python -m datamodules.prepare mpeg4 <root>/UCF-101 <root>/UCF-101-mpeg4 --workers 8
 
 mirrors every ``<Class>/v_*.avi`` into the second folder under the same relative path. It skips
 files already done (so an interrupted run resumes), writes each file under a hidden temporary name
 and renames it when complete, and lists the files that failed at the end instead of stopping.
-Each file goes through :func:`reencode_mpeg4`:
+Each file goes through :func:`datamodules.prepare.mpeg4.reencode_mpeg4`:
 
 - codec ``mpeg4`` at a fixed quantiser of 2: CoViAR's ``data/reencode.sh`` runs
   ``ffmpeg -q:v 1 -c:v mpeg4``, and the encoder clips quantiser 1 to its default ``qmin`` of 2;
@@ -48,17 +47,13 @@ dataset hands that array to PIL as if it were RGB, so the code's I-frames are ch
 
 from __future__ import annotations
 
-import argparse
-import sys
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from fractions import Fraction
-from multiprocessing import get_context
 from operator import index as as_index
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -66,11 +61,8 @@ import numpy as np
 from datamodules.formats.images import CorruptFileError
 
 if TYPE_CHECKING:
-    import torch
     from av.container import InputContainer
     from av.video.stream import VideoStream
-
-ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 # ISO/IEC 14496-2 §6.2.5: every VOP (frame) starts with this start code, followed by the 2-bit
 # vop_coding_type (0 I, 1 P, 2 B, 3 S).
@@ -78,12 +70,12 @@ _VOP_START_CODE = b"\x00\x00\x01\xb6"
 _VOP_TYPES = "IPBS"
 _REENCODE_HINT = (
     "CMD's motion vectors need MPEG-4 Part 2 with P-frames only; re-encode it with "
-    "`python -m datamodules.formats.compressed_video reencode SRC_ROOT DST_ROOT` (reencode_mpeg4)"
+    "`python -m datamodules.prepare mpeg4 SRC_ROOT DST_ROOT` (datamodules.prepare.mpeg4)"
 )
 
 
 @contextmanager
-def _open_video(path: Path) -> Iterator[tuple[InputContainer, VideoStream]]:
+def open_video(path: Path) -> Iterator[tuple[InputContainer, VideoStream]]:
     """The container and its first video stream; CorruptFileError when either cannot be had."""
     try:
         container = av.open(str(path))
@@ -116,7 +108,7 @@ class CompressedVideo:
 
     def __init__(self, path: str | PathLike[str]) -> None:
         self.path = Path(path)
-        with _open_video(self.path) as (container, stream):
+        with open_video(self.path) as (container, stream):
             codec = stream.codec_context
             if codec.name != "mpeg4":
                 raise ValueError(f"{self.path}: the video codec is {codec.name!r}; {_REENCODE_HINT}")
@@ -261,163 +253,3 @@ def dense_motion_vectors(vectors: np.ndarray, height: int, width: int) -> np.nda
         if x0 < x1 and y0 < y1:
             mv[dst_y + y0 : dst_y + y1, dst_x + x0 : dst_x + x1] = (dst_x - src_x, dst_y - src_y)
     return mv
-
-
-# --- CMD's MV augmentation (dataset/transforms.py) -------------------------------------------------
-
-
-def mv_preprocess(mv: ArrayT, clamp: float = 10.0) -> ArrayT:
-    """CMD's MV normalisation (``Normalize`` / ``MNormalize``): clamp to ``[−clamp, clamp]``, then
-    divide by ``clamp``, so that values lie in [−1, 1]."""
-    return mv.clip(-clamp, clamp) / clamp
-
-
-def flip_motion_vectors(mv: ArrayT) -> ArrayT:
-    """Mirror MV maps ``[..., H, W, 2]`` left-right exactly as CMD's ``RandomHFlip`` does
-    (``u[:, ::-1]`` on each ``[H, W, 2]`` map, shared with the RGB clip's flip): the x-component is
-    **not** negated. This is the code's behaviour, reproduced as the card asks, although it is
-    physically inconsistent: the mirrored picture of rightward motion moves left, yet keeps
-    ``mv_x > 0``."""
-    if mv.ndim < 3 or mv.shape[-1] != 2:
-        raise ValueError(f"expected MV maps of shape [..., H, W, 2]; got {tuple(mv.shape)}")
-    if isinstance(mv, np.ndarray):
-        return np.ascontiguousarray(mv[..., ::-1, :])
-    return mv.flip(-2)
-
-
-# --- re-encoding ---------------------------------------------------------------------------------
-
-
-def _decoded_frames(container: InputContainer, stream: VideoStream, path: Path) -> Iterator[av.VideoFrame]:
-    try:
-        yield from container.decode(stream)
-    except av.FFmpegError as error:
-        raise CorruptFileError(f"{path}: decoding failed ({error})") from None
-
-
-def _write_mpeg4(src: Path, out: Path, gop_size: int, qscale: int) -> int:
-    with _open_video(src) as (source, in_stream), av.open(str(out), "w") as target:
-        in_stream.codec_context.thread_count = 1
-        rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(25)
-        width, height = in_stream.codec_context.width, in_stream.codec_context.height
-        stream = target.add_stream("mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        codec = stream.codec_context
-        codec.gop_size, codec.max_b_frames, codec.thread_count = gop_size, 0, 1
-        codec.qscale = True  # a fixed quantiser, set by qmin = qmax
-        stream.options = {"qmin": str(qscale), "qmax": str(qscale), "sc_threshold": "1000000000"}
-        num_frames = 0
-        for frame in _decoded_frames(source, in_stream, src):
-            picture = frame.reformat(width, height, "yuv420p")
-            picture.pts, picture.time_base = num_frames, 1 / Fraction(rate)
-            target.mux(stream.encode(picture))
-            num_frames += 1
-        if num_frames == 0:
-            raise CorruptFileError(f"{src}: no frame could be decoded")
-        target.mux(stream.encode(None))
-    return num_frames
-
-
-def reencode_mpeg4(
-    src: str | PathLike[str], dst: str | PathLike[str], gop_size: int = 12, qscale: int = 2
-) -> int:
-    """Re-encode ``src`` to MPEG-4 Part 2 at ``dst`` as CMD/CoViAR expect (module docstring): fixed
-    quantiser ``qscale``, an I-frame every ``gop_size`` frames and only P-frames, each predicted from
-    the previous frame, in between; same frame size and frame count. The container follows ``dst``'s
-    suffix. The file is written under a hidden temporary name in ``dst``'s folder and renamed when
-    complete, so ``dst`` never holds a partial video. Returns the number of frames.
-
-    Raises :class:`CorruptFileError` when ``src`` cannot be read.
-    """
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.with_name(f".{dst.stem}.partial{dst.suffix}")
-    try:
-        num_frames = _write_mpeg4(src, partial, gop_size, qscale)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(dst)
-    return num_frames
-
-
-def _reencode_job(job: tuple[Path, Path, int]) -> tuple[Path, str | None]:
-    """``(src, None)``, or ``(src, what went wrong)``: one bad file must not stop a batch."""
-    src, dst, gop_size = job
-    try:
-        reencode_mpeg4(src, dst, gop_size)
-    except Exception as error:  # reported with the file's name by reencode_tree
-        return src, f"{type(error).__name__}: {error}"
-    return src, None
-
-
-def reencode_tree(
-    src_root: Path, dst_root: Path, workers: int = 1, gop_size: int = 12
-) -> list[tuple[str, str]]:
-    """Re-encode every ``<Class>/v_*.avi`` under ``src_root`` (the ``UCF-101`` folder) to the same
-    relative path under ``dst_root`` with :func:`reencode_mpeg4`, skipping videos already there, and
-    print progress. Returns the failures as ``(relative path, error)``."""
-    if src_root.resolve() == dst_root.resolve():
-        raise ValueError(f"the output folder must differ from the input folder {src_root}")
-    sources = sorted(src_root.glob("*/v_*.avi"))
-    if not sources:
-        raise FileNotFoundError(f"no <Class>/v_*.avi videos under {src_root}; pass the UCF-101 folder itself")
-    jobs = [(src, dst_root / src.relative_to(src_root), gop_size) for src in sources]
-    jobs = [job for job in jobs if not job[1].exists()]
-    skipped = len(sources) - len(jobs)
-    print(
-        f"{len(sources)} videos under {src_root}: {skipped} already re-encoded, "
-        f"re-encoding {len(jobs)} into {dst_root} with {workers} worker(s)",
-        flush=True,
-    )
-    if workers > 1 and jobs:
-        with get_context("spawn").Pool(workers) as pool:
-            failures = _report(pool.imap_unordered(_reencode_job, jobs), len(jobs), src_root)
-    else:
-        failures = _report(map(_reencode_job, jobs), len(jobs), src_root)
-    print(f"done: {len(jobs) - len(failures)} re-encoded, {skipped} skipped, {len(failures)} failed", flush=True)
-    for name, error in failures:
-        print(f"  FAILED {name}: {error}", flush=True)
-    return failures
-
-
-def _report(results: Iterable[tuple[Path, str | None]], total: int, src_root: Path) -> list[tuple[str, str]]:
-    failures, every = [], max(50, total // 100)  # about 100 progress lines for the real set
-    for done, (src, error) in enumerate(results, 1):
-        name = str(src.relative_to(src_root))
-        if error is not None:
-            failures.append((name, error))
-            print(f"FAILED {name}: {error}", flush=True)
-        if done % every == 0 or done == total:
-            print(f"[{done}/{total}] {len(failures)} failed so far", flush=True)
-    return sorted(failures)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m datamodules.formats.compressed_video reencode SRC_ROOT DST_ROOT [--workers N]``;
-    exit status 1 when some video failed."""
-    parser = argparse.ArgumentParser(
-        prog="python -m datamodules.formats.compressed_video",
-        description="Offline preprocessing for CMD's compressed-domain inputs (see the module docstring).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    reencode = commands.add_parser(
-        "reencode",
-        help="re-encode UCF-101/<Class>/v_*.avi to MPEG-4 Part 2 (P-frames only, fixed GOP), resumable",
-    )
-    reencode.add_argument("src_root", type=Path, help="the UCF-101 folder holding the class folders")
-    reencode.add_argument("dst_root", type=Path, help="the output folder, mirroring src_root")
-    reencode.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
-    reencode.add_argument(
-        "--gop-size", type=int, default=12, help="frames from one I-frame to the next (default 12)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        failures = reencode_tree(args.src_root, args.dst_root, args.workers, args.gop_size)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

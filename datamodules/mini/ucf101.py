@@ -18,7 +18,7 @@ background differ strongly in every colour channel, so that small models learn t
 minutes on a CPU. Videos are MPEG-4 Part 2 in AVI (the codec family of the original Xvid files),
 25 fps, GOP 12 without B-frames, readable by decord and PyAV; CMD's compressed-domain copy
 ``UCF-101-mpeg4/`` is made from them by the same re-encoding a user runs on the real set
-(:func:`~datamodules.formats.compressed_video.reencode_tree`).
+(:func:`~datamodules.prepare.mpeg4.reencode_tree`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import av
 import cv2
 import numpy as np
 
-from datamodules.formats.compressed_video import reencode_tree
+from datamodules.prepare.mpeg4 import reencode_tree
 
 CLASSES = {  # name in classInd order: (shape, direction (dx, dy))
     "Hammering": ("square", (1, 0)),

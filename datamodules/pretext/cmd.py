@@ -45,7 +45,7 @@ GaussianBlur p 0.5, ColorJitter p 0.5, RandomGray p 0.2):
   :class:`ColorAugment` jitters in a fixed order, then blurs.
 - Positive MV clip: the **same** resize, crop box and flip as the RGB clip (:func:`motion_view`),
   resampled bilinearly without changing the values (the code's ``cv2.resize``), the flip mirroring
-  the map without negating x (:func:`~datamodules.formats.compressed_video.flip_motion_vectors`),
+  the map without negating x (:func:`flip_motion_vectors`),
   then clamped to ±``mv_clamp`` and divided by it (``mv_preprocess``).
 - Negative MV clips: each its own random crop box and flip, as the code's ``MRandomCrop`` /
   ``MRandomHFlip`` (``shared_negative_crop=True`` gives them the positive's box and flip).
@@ -59,8 +59,8 @@ and the sampled frame indices ``frame_index`` [T], ``iframe_index``, ``motion_st
 
 **Input files.** The MVs and I-frames are read with
 :class:`~datamodules.formats.compressed_video.CompressedVideo` from ``compressed_root`` /
-``<Class>/<video>.avi``, the tree written by ``python -m datamodules.formats.compressed_video
-reencode <root>/UCF-101 <compressed_root>``; a relative ``compressed_root`` is inside the
+``<Class>/<video>.avi``, the tree written by ``python -m datamodules.prepare
+mpeg4 <root>/UCF-101 <compressed_root>``; a relative ``compressed_root`` is inside the
 dataset root (the configs' ``UCF-101-mpeg4``, which the mini UCF101 writer also makes). With
 ``compressed_root`` None they are read from the listed video itself, which must then already be
 MPEG-4 Part 2 without B-frames.
@@ -69,7 +69,7 @@ MPEG-4 Part 2 without B-frames.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -80,12 +80,37 @@ from torchvision.transforms import InterpolationMode
 from datamodules.clips import (
     ColorAugment, as_clip, clip_indices, coin, crop_resize, random_resized_crop_box, resize_short_side, to_model_input,
 )
-from datamodules.formats.compressed_video import CompressedVideo, flip_motion_vectors, mv_preprocess
+from datamodules.formats.compressed_video import CompressedVideo
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import VideoReader
 from datamodules.clips import ClipSampler, ClipSpec, VideoRecord
 
 Box = tuple[int, int, int, int]
+
+
+ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
+
+
+# --- CMD's MV augmentation (dataset/transforms.py) -------------------------------------------------
+
+
+def mv_preprocess(mv: ArrayT, clamp: float = 10.0) -> ArrayT:
+    """CMD's MV normalisation (``Normalize`` / ``MNormalize``): clamp to ``[−clamp, clamp]``, then
+    divide by ``clamp``, so that values lie in [−1, 1]."""
+    return mv.clip(-clamp, clamp) / clamp
+
+
+def flip_motion_vectors(mv: ArrayT) -> ArrayT:
+    """Mirror MV maps ``[..., H, W, 2]`` left-right exactly as CMD's ``RandomHFlip`` does
+    (``u[:, ::-1]`` on each ``[H, W, 2]`` map, shared with the RGB clip's flip): the x-component is
+    **not** negated. This is the code's behaviour, reproduced as the card asks, although it is
+    physically inconsistent: the mirrored picture of rightward motion moves left, yet keeps
+    ``mv_x > 0``."""
+    if mv.ndim < 3 or mv.shape[-1] != 2:
+        raise ValueError(f"expected MV maps of shape [..., H, W, 2]; got {tuple(mv.shape)}")
+    if isinstance(mv, np.ndarray):
+        return np.ascontiguousarray(mv[..., ::-1, :])
+    return mv.flip(-2)
 
 
 def negative_starts(
@@ -193,7 +218,7 @@ class ContextMotionClips(ClipSampler):
         if not path.is_file():
             raise FileNotFoundError(
                 f"CMD: the re-encoded video {path} (of {record.path}) is missing; re-encode the videos once with "
-                f"`python -m datamodules.formats.compressed_video reencode {record.video_folder} {record.root / self.compressed_root}`, "
+                f"`python -m datamodules.prepare mpeg4 {record.video_folder} {record.root / self.compressed_root}`, "
                 "or set train_sampler.init_args.compressed_root to null if the videos are already MPEG-4 Part 2 "
                 "without B-frames"
             )

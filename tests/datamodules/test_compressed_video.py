@@ -14,14 +14,10 @@ import torch
 from av.video.frame import PictureType
 from PIL import Image
 
-from datamodules.formats.compressed_video import (
-    CompressedVideo,
-    dense_motion_vectors,
-    flip_motion_vectors,
-    main,
-    mv_preprocess,
-    reencode_mpeg4,
-)
+from datamodules.formats.compressed_video import CompressedVideo, dense_motion_vectors
+from datamodules.prepare.__main__ import main
+from datamodules.prepare.mpeg4 import reencode_mpeg4
+from datamodules.pretext.cmd import flip_motion_vectors, mv_preprocess
 from datamodules.formats.images import CorruptFileError
 
 SQUARE = 32
@@ -272,7 +268,7 @@ def test_command_line_mirrors_resumes_and_reports_failures(tmp_path, capsys):
         write_video(src / name, frames, gop_size=30, max_b_frames=2)
     (src / "Bowling/v_Bowling_g02_c01.avi").write_bytes(b"not a video" * 100)
 
-    assert main(["reencode", str(src), str(dst), "--workers", "2", "--gop-size", "4"]) == 1
+    assert main(["mpeg4", str(src), str(dst), "--workers", "2", "--gop-size", "4"]) == 1
     out = capsys.readouterr().out
     assert "4 videos" in out and "3 re-encoded, 0 skipped, 1 failed" in out
     assert "FAILED Bowling/v_Bowling_g02_c01.avi: CorruptFileError" in out
@@ -283,13 +279,13 @@ def test_command_line_mirrors_resumes_and_reports_failures(tmp_path, capsys):
         assert video.num_frames == 6 and video.iframe_indices == [0, 4]
 
     mtimes = {name: (dst / name).stat().st_mtime_ns for name in names}
-    assert main(["reencode", str(src), str(dst)]) == 1
+    assert main(["mpeg4", str(src), str(dst)]) == 1
     out = capsys.readouterr().out
     assert "3 already re-encoded, re-encoding 1" in out and "0 re-encoded, 3 skipped, 1 failed" in out
     assert {name: (dst / name).stat().st_mtime_ns for name in names} == mtimes
 
     (src / "Bowling/v_Bowling_g02_c01.avi").unlink()
-    assert main(["reencode", str(src), str(dst)]) == 0
+    assert main(["mpeg4", str(src), str(dst)]) == 0
     assert "0 re-encoded, 3 skipped, 0 failed" in capsys.readouterr().out
 
 
