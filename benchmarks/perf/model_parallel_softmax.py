@@ -11,7 +11,7 @@ processes, one training step (forward, backward, SGD-with-momentum update of the
 - ``model_parallel``: W processes (gloo on CPU, NCCL on GPUs), each holding C/W centres, as
   :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax` computes it
   (``--chunk-classes`` classes of logits at a time, the element-wise work between the
-  products compiled on GPUs or with ``--compile-chunks``) and updated by the recipe's fused SGD;
+  products compiled with ``--compile-chunks``) and updated by the recipe's fused SGD;
 - ``partial_fc``: the same with ``--sample-rate`` (when < 1).
 
 and prints a table of median step time and peak memory per rank, with the ratio to ``plain``
@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-classes", type=int, default=65536, help="classes per chunk of logits")
     parser.add_argument("--precision", choices=["32", "tf32", "bf16-mixed"], default="32")
     parser.add_argument(
-        "--compile-chunks", action=argparse.BooleanOptionalAction, default=None,
-        help="fuse the element-wise work of each chunk with torch.compile (default: the head's, on GPUs)",
+        "--compile-chunks", action=argparse.BooleanOptionalAction, default=False,
+        help="fuse the element-wise work of each chunk with torch.compile (default: op by op, as the head)",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

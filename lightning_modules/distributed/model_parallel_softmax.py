@@ -247,7 +247,8 @@ class ModelParallelSoftmax(nn.Module):
     taken ``chunk_classes`` at a time (:class:`_ShardSoftmaxTerms`), so no rank holds the
     logits of its whole shard: temporaries are O(global batch × chunk_classes), and no
     normalised copy of the centres is made. Heads that sum over negatives (NPCFace) take one
-    more pass over the chunks, without gradient. With ``compile_chunks`` (default: on GPUs),
+    more pass over the chunks, without gradient. With ``compile_chunks`` (opt-in, off by default
+until its CUDA test has passed on a GPU),
     the element-wise work between a chunk's products (normalise, margin, mask, exp, row sums;
     in the backward the head's derivative and the column sums) is compiled by
     ``torch.compile`` into fused kernels; the first steps then pay the compilation (seconds
@@ -276,11 +277,12 @@ class ModelParallelSoftmax(nn.Module):
         num_classes: int,
         embedding_size: int,
         head: MarginHead,
+        *,
         sample_rate: float = 1.0,
         knn_neighbours: int = 0,
         seed: int = 0,
         chunk_classes: int = 65536,
-        compile_chunks: bool | None = None,
+        compile_chunks: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -394,7 +396,7 @@ class ModelParallelSoftmax(nn.Module):
         state = self.head.row_state(cos_y, sum_over_negatives)
         own_cos, negatives = _ShardSoftmaxTerms.apply(
             features, centres, inverse_norms, target_columns, own_cos, self.head, state, self.chunk_classes,
-            _chunk_steps(self.weight.is_cuda if self.compile_chunks is None else self.compile_chunks),
+            _chunk_steps(self.compile_chunks),
         )
         target_logit = self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state)
         # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})

@@ -10,8 +10,8 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
    each rank owns a contiguous slice, embeddings are all-gathered, and the loss equals the
    single-device softmax. Logits are computed ``chunk_classes`` classes at a time, so that a
    rank's temporaries are (global batch × chunk_classes), whatever its share of the classes,
-   and the element-wise work of each chunk is fused by ``torch.compile`` (``compile_chunks``,
-   default: on GPUs).
+   and the element-wise work of each chunk can be fused by ``torch.compile`` (``compile_chunks``,
+   opt-in until its CUDA test has run on a GPU).
    The centres are kept out of DDP's gradient all-reduce, and a checkpoint holds them whole,
    so that it resumes on any number of ranks.
 4. Validation follows insightface ``eval/verification.py`` (:mod:`lightning_modules.face.base`):
@@ -56,7 +56,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         sample_rate: float = 1.0,
         knn_neighbours: int = 0,
         chunk_classes: int = 65536,
-        compile_chunks: bool | None = None,
+        compile_chunks: bool = False,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -82,8 +82,8 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
             return
         hp = self.hparams
         self.softmax = ModelParallelSoftmax(
-            hp.num_classes, hp.embedding_size, self.head, hp.sample_rate, hp.knn_neighbours, hp.seed, hp.chunk_classes,
-            hp.compile_chunks,
+            hp.num_classes, hp.embedding_size, self.head, sample_rate=hp.sample_rate, knn_neighbours=hp.knn_neighbours,
+            seed=hp.seed, chunk_classes=hp.chunk_classes, compile_chunks=hp.compile_chunks,
         )
         ignored = [f"softmax.{name}" for name in self.softmax.model_parallel_parameter_names()]
         ignored += [f"softmax.head.{name}" for name, _ in self.head.named_buffers()]

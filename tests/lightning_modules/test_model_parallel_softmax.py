@@ -377,12 +377,12 @@ def _step_with_compiled_chunks(
 @pytest.mark.parametrize("name", HEADS)
 def test_compiled_chunks_equal_the_eager_ones(name):
     """torch.compile's fused chunks give the loss and gradients of the op-by-op chunks (the
-    default on CPU): two graphs (forward and backward steps), each for the full chunks and
+    default): two graphs (forward and backward steps), each for the full chunks and
     for the last, partial one."""
     torch._dynamo.reset()
     counters.clear()
     problem = _problem()
-    eager = _step_with_compiled_chunks(problem, name, compiled=None)
+    eager = _step_with_compiled_chunks(problem, name, compiled=False)
     assert counters["stats"]["unique_graphs"] == 0
     compiled = _step_with_compiled_chunks(problem, name, compiled=True)
     assert counters["stats"]["unique_graphs"] == 4  # compiled, not fallen back to eager
@@ -393,7 +393,7 @@ def test_compiled_chunks_equal_the_eager_ones(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", HEADS)
 def test_cuda_chunks_equal_the_cpu_ones(name):
-    """On a GPU the chunks are compiled by default, the backward's inside autograd's device
+    """On a GPU the compiled chunks (compile_chunks=True), the backward's inside autograd's device
     thread: float64 equals the CPU's op-by-op chunks to rounding, float32 (full-precision
     matmuls) to float32's."""
     assert torch.get_float32_matmul_precision() == "highest", "TF32 products would need a looser tolerance"
@@ -402,7 +402,7 @@ def test_cuda_chunks_equal_the_cpu_ones(name):
     torch._dynamo.reset()  # a fresh cache per head: past dynamo's recompile limit it would run eager
     counters.clear()
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        cuda = _step_with_compiled_chunks(problem, name, compiled=None, device="cuda", dtype=dtype)
+        cuda = _step_with_compiled_chunks(problem, name, compiled=True, device="cuda", dtype=dtype)
         for got, want, what in zip(cuda, cpu, ("loss", "embedding grad", "centre grad")):
             atol = rtol * want.abs().max().item()
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name} {dtype} {what}: {m}")
