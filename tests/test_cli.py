@@ -123,7 +123,7 @@ def test_msflow_learns_the_mini_set_end_to_end(mini_mvtec, tmp_path, monkeypatch
     results = json.loads((run / "results.json").read_text())
     assert results["benchmark"] == "mvtec" and results["method"] == "msflow"
     assert results["dataset"]["category"] == "weave"
-    assert results["checkpoint"].endswith("last.ckpt")
+    assert results["checkpoint"].endswith("last.ckpt") and results["skipped_corrupt"] == 0
     assert results["config"]["model"]["init_args"]["backbone"] == "resnet18"
     metrics = results["metrics"]
     assert metrics["image_auroc"] >= 0.9, metrics

@@ -360,7 +360,7 @@ def test_only_the_centres_gradient_is_allocated_whole(name):
 
 
 def _step_with_compiled_chunks(
-    problem: dict[str, Tensor], name: str, compiled: bool | None, device: str = "cpu", dtype=torch.float64
+    problem: dict[str, Tensor], name: str, compiled: bool, device: str = "cpu", dtype=torch.float64
 ) -> tuple[Tensor, ...]:
     """Loss, embedding gradient and centres' gradient of one training step in chunks of 4,
     on ``device`` in ``dtype``, returned on the CPU in float64."""
