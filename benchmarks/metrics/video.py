@@ -69,6 +69,11 @@ def clip_top1(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=1) == labels).double().mean().item()
 
 
+def per_video_labels(labels: Tensor, video_ids: Tensor, unique_ids: Tensor) -> Tensor:
+    """The label of each video of ``unique_ids`` (sorted) from its clips' ``labels`` and ``video_ids``."""
+    return labels.new_zeros(len(unique_ids)).index_put_((torch.searchsorted(unique_ids, video_ids),), labels)
+
+
 def video_top1(logits: Tensor, labels: Tensor, video_ids: Tensor) -> float:
     """Fraction of videos whose argmax of the clip-averaged softmax is their label.
 
@@ -77,9 +82,8 @@ def video_top1(logits: Tensor, labels: Tensor, video_ids: Tensor) -> float:
     """
     _check_logits(logits, labels)
     unique_ids, scores = video_scores(logits, video_ids)
-    inverse = torch.searchsorted(unique_ids, video_ids)
-    video_labels = labels.new_zeros(len(unique_ids)).index_put_((inverse,), labels)  # any clip's label
-    if (video_labels[inverse] != labels).any():
+    video_labels = per_video_labels(labels, video_ids, unique_ids)
+    if (video_labels[torch.searchsorted(unique_ids, video_ids)] != labels).any():
         raise ValueError("the clips of a video carry different labels")
     return (scores.argmax(dim=1) == video_labels).double().mean().item()
 
@@ -176,8 +180,7 @@ class RetrievalRecall(BenchmarkMetric):
     def videos(self, rows: Rows) -> tuple[Tensor, Tensor]:
         """(features, labels) per video of clip rows, videos in order of their index."""
         ids, features = video_features(rows["features"], rows["video_index"])
-        position = torch.searchsorted(ids, rows["video_index"])
-        return features, rows["label"].new_zeros(len(ids)).index_put_((position,), rows["label"])
+        return features, per_video_labels(rows["label"], rows["video_index"], ids)
 
     def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
         missing = [name for name in (self.query_set, self.gallery_set) if name not in sets]
