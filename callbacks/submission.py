@@ -23,6 +23,17 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 
+def replace_directory(final: Path, staging: Path) -> None:
+    """Put the finished folder ``staging`` in the place of ``final`` (the old one is removed only
+    once the new one is in place)."""
+    previous = final.with_name(f".{final.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 class SubmissionWriter(Callback):
     """Base of the official-file writers (module docstring); subclasses implement :meth:`write_batch`."""
 
@@ -53,12 +64,7 @@ class SubmissionWriter(Callback):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             final, staging = self._paths(trainer)
-            previous = final.with_name(f".{final.name}.previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            if final.exists():
-                final.rename(previous)
-            staging.rename(final)
-            shutil.rmtree(previous, ignore_errors=True)
+            replace_directory(final, staging)
             rank_zero_info(f"{type(self).__name__}: submission files written to {final}")
 
 

@@ -151,24 +151,46 @@ class IdentityPairDataset(AugmentationRNG, Dataset):
         self.images.load_state_dict(state["images"])
 
 
-class VerificationDataset(Dataset):
-    """The 2P images of a verification ``.bin`` as dicts ``image`` (3, 112, 112) float32 in [-1, 1],
-    ``flipped`` (its horizontal flip, for the flip-sum embedding), ``pair_index`` (pair i owns
-    images 2i and 2i+1) and ``issame`` (whether pair ``pair_index`` shows one identity). Served
-    as an :class:`~datamodules.base.EvalSet` named after the ``.bin``, which adds ``index``."""
+def embedding_input(image: np.ndarray, path: str) -> dict[str, Any]:
+    """What a face is embedded from: ``image`` (3, 112, 112) float32 in [-1, 1], ``flipped`` (its
+    horizontal flip, for insightface's flip-sum embedding) and ``path``."""
+    tensor = to_tensor(face_size(image))
+    return {"image": tensor, "flipped": tensor.flip(-1), "path": path}
 
-    def __init__(self, images: np.ndarray, issame: np.ndarray) -> None:
+
+class VerificationDataset(Dataset):
+    """The 2P images of the verification ``.bin`` at ``path``, as :func:`embedding_input` (``path``:
+    ``<bin>#<image>``) with ``pair_index`` (pair i owns images 2i and 2i+1) and ``issame``
+    (whether pair ``pair_index`` shows one identity). Served as an :class:`~datamodules.base.EvalSet`
+    named after the ``.bin``, which adds ``index``."""
+
+    def __init__(self, images: np.ndarray, issame: np.ndarray, path: Path) -> None:
         if len(images) != 2 * len(issame):
-            raise ValueError(f"a verification set of {len(issame)} pairs needs {2 * len(issame)} images, got {len(images)}")
+            raise ValueError(f"{path}: a verification set of {len(issame)} pairs needs {2 * len(issame)} images, "
+                             f"got {len(images)}")
         self.images = images
         self.issame = issame
+        self.path = path
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = to_tensor(self.images[i])
-        return {"image": image, "flipped": image.flip(-1), "pair_index": i // 2, "issame": bool(self.issame[i // 2])}
+        return {**embedding_input(self.images[i], f"{self.path}#{i}"), "pair_index": i // 2, "issame": bool(self.issame[i // 2])}
+
+
+class FaceImages(Dataset):
+    """The face images ``paths`` as :func:`embedding_input`, for ``visionzoo predict``; a file
+    that cannot be decoded is an error naming it."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return embedding_input(read_image(self.paths[i]), str(self.paths[i]))
 
 
 class MS1MDataModule(VisionZooDataModule):
@@ -181,6 +203,9 @@ class MS1MDataModule(VisionZooDataModule):
     folder ``folder`` (default ``root``) when it has identity sub-folders.
     ``sampling="identity_pairs"`` makes an epoch one pass over the identities, each as two of
     its images (:class:`IdentityPairDataset`, for SST); ``batch_size`` then counts identities.
+    ``predict_root``: a folder of aligned faces (``.jpg``/``.jpeg``/``.png`` at any depth, resized
+    to 112x112) that ``visionzoo predict`` embeds as the eval set ``predict``; without it, predict
+    embeds the verification sets. ``root`` stays the training data's, which sizes the head.
     """
 
     benchmark = "ms1m"
@@ -196,6 +221,7 @@ class MS1MDataModule(VisionZooDataModule):
         skip_corrupt: bool = False,
         horizontal_flip: bool = True,
         sampling: Literal["images", "identity_pairs"] = "images",
+        predict_root: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -213,6 +239,7 @@ class MS1MDataModule(VisionZooDataModule):
         self.skip_corrupt = skip_corrupt
         self.horizontal_flip = horizontal_flip
         self.sampling = sampling
+        self.predict_root = Path(predict_root) if predict_root is not None else None
         self.train_dataset: Optional[FaceDataset] = None
         self.val_datasets: list[VerificationDataset] = []
         self._issame: dict[str, np.ndarray] = {}
@@ -278,7 +305,8 @@ class MS1MDataModule(VisionZooDataModule):
         if not self.val_datasets:
             for name in self.val_set_names:
                 images, issame = read_verification_bin(self._bin_path(name))
-                self.val_datasets.append(VerificationDataset(np.stack([face_size(image) for image in images]), issame))
+                self.val_datasets.append(VerificationDataset(np.stack([face_size(image) for image in images]), issame,
+                                                             self._bin_path(name)))
                 self._issame[name] = issame
 
     def _check_layout(self) -> None:
@@ -348,3 +376,13 @@ class MS1MDataModule(VisionZooDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """``visionzoo test`` reports the verification sets (the protocol has no other test split)."""
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The faces of ``predict_root`` (eval set ``predict``), else the verification sets."""
+        if self.predict_root is None:
+            return self.val_dataloader()
+        paths = sorted(p for p in self.predict_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"data.predict_root {self.predict_root}: no {'/'.join(IMAGE_SUFFIXES)} images "
+                                    "(expected aligned faces, in sub-folders or not)")
+        return [eval_loader(EvalSet("predict", FaceImages(paths)), **loader_options(self.batch_size, self.num_workers))]

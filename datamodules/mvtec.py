@@ -280,4 +280,5 @@ class MVTecDataModule(VisionZooDataModule):
         return eval_loader(EvalSet("test", self._dataset(self.test_samples, [])), **loader_options(self.batch_size, self.num_workers))
 
     def predict_dataloader(self) -> DataLoader:
+        """``visionzoo predict`` maps the test split (eval set ``test``)."""
         return self.test_dataloader()

@@ -291,3 +291,9 @@ class UCF101DataModule(VisionZooDataModule):
         """The eval sets of :meth:`eval_set_names` (``test``), one loader each."""
         loaders = [self._eval_loader(name) for name in self.eval_set_names("test")]
         return loaders if len(loaders) > 1 else loaders[0]
+
+    def predict_dataloader(self):
+        """``visionzoo predict`` encodes the clips of the test sets (``test``, and ``gallery`` with
+        ``test_gallery``): ``test_clips`` centre-cropped clips a video, row k being clip
+        k % test_clips of video k // test_clips."""
+        return self.test_dataloader()

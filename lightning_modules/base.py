@@ -16,19 +16,31 @@ decides it): the ``<method>`` of ``runs/<benchmark>/<method>/`` and of ``results
 that must follow each optimizer step, such as a momentum encoder's update, goes in
 :meth:`VisionZooModule.after_optimizer_step`, which runs once per step under gradient
 accumulation (``on_train_batch_end`` runs once per batch).
+
+Prediction (``visionzoo predict``): a method returns the per-sample arrays a user keeps (anomaly
+maps, embeddings, clip features) from :meth:`~VisionZooModule.prediction_outputs`; the base
+collects them through the same indexed outputs, and at epoch end holds every rank's rows once
+each, in dataset order, with the sample paths, in :attr:`VisionZooModule.predictions` for
+:class:`callbacks.predictions.PredictionFiles` to write.
+
+A trained method takes its optimizer and schedule as one ``optim`` argument
+(:class:`~lightning_modules.recipe.OptimizerRecipe`, saved with its hyperparameters);
+:meth:`VisionZooModule.configure_optimizers` is the one place that builds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmarks.metrics.base import BenchmarkMetric
+from lightning_modules.distributed.comm import all_gather_objects
 from lightning_modules.distributed.indexed_outputs import INDEX, IndexedOutputs
+from lightning_modules.recipe import OptimizerRecipe
 
 Stage = Literal["val", "test"]
 EVAL_SET = "eval_set"
@@ -79,6 +91,25 @@ class VisionZooModule(LightningModule):
 
     # ----------------------------------------------------------------------- optimizer steps
 
+    def parameters_with_own_optimizer(self) -> Iterable[nn.Parameter]:
+        """Trainable parameters that the recipe's optimizer leaves alone (Search-Softmax's policy)."""
+        return ()
+
+    @property
+    def recipe(self) -> OptimizerRecipe:
+        """The ``optim`` hyperparameter (a dict where it came from a config or a checkpoint)."""
+        optim = self.hparams.get("optim")
+        if optim is None:
+            raise TypeError(f"{type(self).__name__} is not trained by visionzoo fit: it takes no optim recipe")
+        return optim if isinstance(optim, OptimizerRecipe) else OptimizerRecipe(**optim)
+
+    def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
+        """The recipe's parameter groups, in an order that does not depend on the world size."""
+        return self.recipe.parameter_groups(self, exclude=self.parameters_with_own_optimizer())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return self.recipe.configure(self.trainer, self.optimizer_parameter_groups(), self.method_name)
+
     def after_optimizer_step(self) -> None:
         """Work that follows each optimizer step (a momentum encoder's EMA update): called once
         per step, so every ``accumulate_grad_batches`` training batches, not after every batch."""
@@ -91,6 +122,38 @@ class VisionZooModule(LightningModule):
         if self.trainer.global_step != self._optimizer_steps:
             self._optimizer_steps = self.trainer.global_step
             self.after_optimizer_step()
+
+
+    # ------------------------------------------------------------------------------ prediction
+
+    def prediction_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-sample outputs that ``visionzoo predict`` writes, by name ([B, ...] each)."""
+        raise NotImplementedError(f"{type(self).__name__} has no prediction outputs")
+
+    def on_predict_epoch_start(self) -> None:
+        self._predicted = IndexedOutputs()
+        self._predicted_paths: dict[tuple[str, int], str] = {}
+
+    def predict_step(self, batch: dict[str, Any] | None, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        if batch is None:
+            return None
+        for key in (EVAL_SET, INDEX, "path"):
+            if key not in batch:
+                raise KeyError(f"a predicted batch needs the field {key!r} (an EvalSet of samples with their path); "
+                               "it has " + ", ".join(sorted(batch)))
+        outputs = self.prediction_outputs(batch)
+        self._predicted.append(batch[EVAL_SET], batch[INDEX], **outputs)
+        names = [batch[EVAL_SET]] * len(batch["path"]) if isinstance(batch[EVAL_SET], str) else batch[EVAL_SET]
+        self._predicted_paths.update(zip(zip(names, batch[INDEX].tolist()), batch["path"]))
+        return outputs
+
+    def on_predict_epoch_end(self) -> None:
+        """Every rank's rows once each, by eval set in dataset order, with ``path`` (a list) beside them."""
+        paths = {key: path for part in all_gather_objects(self._predicted_paths) for key, path in part.items()}
+        self.predictions = {
+            name: {**rows, "path": [paths[name, i] for i in rows[INDEX].tolist()]}
+            for name, rows in self._predicted.gather().items()
+        }
 
 
 class EvaluatedModule(VisionZooModule):

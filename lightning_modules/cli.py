@@ -10,7 +10,8 @@ LightningCLI this adds what every run of the suite shares:
 - a CSV logger appending to ``metrics.csv`` there (fit, test and resumed fits share it), ``config.yaml`` overwritten on re-runs, and
   ``checkpoints/last.ckpt``, written atomically (:mod:`callbacks.checkpoint_io`);
 - a Rich progress bar on a terminal, plain log lines with throughput and ETA otherwise;
-- ``results.json`` after ``test`` (see :mod:`callbacks.results`);
+- ``results.json`` after ``test`` (see :mod:`callbacks.results`), ``predictions/`` after
+  ``predict`` (:mod:`callbacks.predictions`);
 - a stop at the first NaN/Inf loss, before it reaches the weights (:mod:`callbacks.nan_guard`);
 - on SIGUSR1, a checkpoint at the next batch boundary and a SLURM requeue (:mod:`callbacks.preemption`);
 - exact resume: RNG states in every checkpoint, ``metrics.csv`` without the rows a killed run
@@ -29,6 +30,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.nan_guard import FiniteLossGuard
+from callbacks.predictions import PredictionFiles
 from callbacks.preemption import RequeueOnSignal
 from callbacks.results import ResultsWriter
 from callbacks.resume import ResumeState
@@ -101,6 +103,8 @@ class VisionZooCLI(LightningCLI):
         if trainer.enable_checkpointing is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(save_last=True))
         callbacks.append(ResultsWriter(config=config.clone().as_dict()))
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionFiles) for c in callbacks):
+            callbacks.append(PredictionFiles())
         trainer.callbacks = callbacks
         plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p is not None]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -16,8 +16,9 @@ One model per MVTec category, trained on defect-free images only:
    multiplicative map.
 
 Defaults are the authors' code (card "MSFlow", [CODE]): Adam lr 1e-4, 100 epochs ("25 meta-epochs
-x 4 sub-epochs"), linear warm-up from 0.1x over 12 epochs and x0.33 at epochs 70 and 90, gradient
-norm clip 2 (a trainer setting in the config), clamp 1.9, input 512, batch 8.
+x 4 sub-epochs"), linear warm-up from 0.1x over 12 epochs and x0.33 at epochs 70 and 90, both
+stepped per epoch (LinearLR chained with MultiStepLR; ``optim``,
+:class:`~lightning_modules.recipe.OptimizerRecipe`), gradient norm clip 2 (a trainer setting in the config), clamp 1.9, input 512, batch 8.
 
 Reported metrics are the last epoch's. The authors' README reports the best of 25 test-set
 evaluations per class (test-set model selection); this module does not do that.
@@ -27,7 +28,6 @@ localisation map, the rule of MVTec's official evaluation script.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +39,7 @@ from benchmarks.metrics.mvtec import AUPRO, ImageAUROC, PixelAUROC
 from lightning_modules.base import EvaluatedModule, Stage
 from lightning_modules.nn.backbones import FrozenFeatures
 from lightning_modules.nn.flows import FusionFlow, ParallelFlow
+from lightning_modules.recipe import OptimizerRecipe
 
 
 def negative_log_likelihood(latents: Sequence[Tensor], log_det: Tensor) -> Tensor:
@@ -79,12 +80,6 @@ def top_k_mean(maps: Tensor, fraction: float) -> Tensor:
     return maps.flatten(1).topk(k, dim=1).values.mean(dim=1)
 
 
-def warmup_then_step(epoch: int, warmup_epochs: int, start_factor: float, milestones: Sequence[int], gamma: float) -> float:
-    """LR factor of the authors' schedule: LinearLR warm-up chained with MultiStepLR, per epoch."""
-    warmup = start_factor + (1.0 - start_factor) * min(epoch, warmup_epochs) / max(1, warmup_epochs)
-    return warmup * gamma ** sum(epoch >= m for m in milestones)
-
-
 class MSFlow(EvaluatedModule):
     """MSFlow on frozen multi-scale CNN features (see the module docstring for the paper)."""
 
@@ -100,11 +95,10 @@ class MSFlow(EvaluatedModule):
         condition_channels: int = 64,
         clamp: float = 1.9,
         top_k: float = 0.03,
-        lr: float = 1e-4,
-        warmup_epochs: int = 12,
-        warmup_start_factor: float = 0.1,
-        lr_milestones: tuple[int, ...] = (70, 90),
-        lr_gamma: float = 0.33,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=1e-4, optimizer="adam", schedule="step", milestones=(70, 90), gamma=0.33, warmup_epochs=12,
+            warmup_start_factor=0.1, interval="epoch",
+        ),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -173,18 +167,6 @@ class MSFlow(EvaluatedModule):
         return {"anomaly_map": anomaly_map, "detection_map": _upsample(outputs["detection_map"], size),
                 "image_score": outputs["image_score"], "image_score_max": anomaly_map.amax(dim=(1, 2))}
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {**self.anomaly_maps(batch["image"]), "path": batch["path"]}
-
-    def configure_optimizers(self):
-        flows = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(flows, lr=self.hparams.lr)
-        schedule = functools.partial(
-            warmup_then_step,
-            warmup_epochs=self.hparams.warmup_epochs,
-            start_factor=self.hparams.warmup_start_factor,
-            milestones=tuple(self.hparams.lr_milestones),
-            gamma=self.hparams.lr_gamma,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+    def prediction_outputs(self, batch: dict) -> dict[str, Tensor]:
+        """``visionzoo predict``: both maps at the input resolution and the image score."""
+        return self.anomaly_maps(batch["image"])

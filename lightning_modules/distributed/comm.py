@@ -28,6 +28,15 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in one process)."""
+    if world_info()[1] == 1:
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def _gather_equal(x: Tensor) -> Tensor:
     """Per-rank tensors of equal shape, concatenated along dim 0 in rank order."""
     world_size = dist.get_world_size()

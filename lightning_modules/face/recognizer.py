@@ -20,13 +20,14 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
 
 Recipe defaults (arcface_torch ``configs/base.py``, the method cards): SGD, momentum 0.9, weight
 decay 5e-4 (none on BatchNorm, biases and PReLU), lr 0.1, 2 warm-up epochs then a polynomial
-(power 2) decay. The polynomial decay is UNVERIFIED for the papers; ``lr_schedule: step`` with
-``lr_milestones`` gives the older step schedules (CurricularFace: x0.1 at 10, 18, 22).
+(power 2) decay (``optim``, :class:`~lightning_modules.recipe.OptimizerRecipe`). The polynomial
+decay is UNVERIFIED for the papers; ``optim.schedule: step`` with ``optim.milestones`` gives the
+older step schedules (CurricularFace: x0.1 at 10, 18, 22).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ from lightning_modules.distributed.model_parallel_softmax import ModelParallelSo
 from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.margins import CombinedMarginHead, MarginHead
+from lightning_modules.recipe import OptimizerRecipe
 
 CENTRES_KEY = "softmax.weight"
 
@@ -57,13 +59,9 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         knn_neighbours: int = 0,
         chunk_classes: int = 65536,
         compile_chunks: bool = False,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: float = 2.0,
-        lr_schedule: Literal["polynomial", "step"] = "polynomial",
-        lr_milestones: tuple[int, ...] = (),
-        lr_gamma: float = 0.1,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=0.1, weight_decay=5e-4, decay_norm_and_bias=False, schedule="polynomial", warmup_epochs=2.0
+        ),
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -110,8 +108,8 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         dicts with the live optimizer, so entries are replaced, never modified in place.
         """
         checkpoint["state_dict"][CENTRES_KEY] = transform(checkpoint["state_dict"][CENTRES_KEY])
-        decay, no_decay = self._parameter_groups()
-        slot = next(i for i, p in enumerate(decay + no_decay) if p is self.softmax.weight)
+        parameters = [p for group in self.optimizer_parameter_groups() for p in group["params"]]
+        slot = next(i for i, p in enumerate(parameters) if p is self.softmax.weight)
         for optimizer in checkpoint.get("optimizer_states", []):
             state = optimizer["state"].get(slot)
             if state and "momentum_buffer" in state:

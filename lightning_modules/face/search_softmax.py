@@ -26,7 +26,8 @@ here it is one rank. Only the ``global`` search (one a) is implemented.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,7 @@ from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.loss_search import GaussianLossPolicy, normalised_rewards
 from lightning_modules.nn.margins import SearchSoftmaxHead
+from lightning_modules.recipe import OptimizerRecipe
 
 
 class SearchSoftmaxRecognizer(FaceRecognitionModule):
@@ -61,13 +63,9 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         first_sampled_epoch: int = 1,
         first_rewarded_epoch: int = 2,
         reward_set: str | None = None,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        warmup_epochs: float = 0.0,
-        lr_schedule: Literal["polynomial", "step"] = "step",
-        lr_milestones: tuple[int, ...] = (4, 8, 10),
-        lr_gamma: float = 0.1,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=0.1, weight_decay=1e-4, decay_norm_and_bias=False, schedule="step", milestones=(4, 8, 10)
+        ),
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -100,11 +98,9 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss + 0.0 * self.policy.mu.sum()  # DDP needs one synchronised parameter
 
-    def _parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """The model's parameters; the policy has its own optimizer."""
-        policy = {id(p) for p in self.policy.parameters()}
-        decay, no_decay = super()._parameter_groups()
-        return [p for p in decay if id(p) not in policy], [p for p in no_decay if id(p) not in policy]
+    def parameters_with_own_optimizer(self) -> Iterator[nn.Parameter]:
+        """The policy has its own optimizer (the REINFORCE step)."""
+        return self.policy.parameters()
 
     # ---------------------------------------------------------------------------- the search
 

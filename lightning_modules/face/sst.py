@@ -32,7 +32,7 @@ epoch order (an implementation choice, not the paper's).
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.margins import MarginHead, SoftmaxHead
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
+from lightning_modules.recipe import OptimizerRecipe
 
 
 class SemiSiameseTraining(FaceRecognitionModule):
@@ -69,13 +70,9 @@ class SemiSiameseTraining(FaceRecognitionModule):
         weights: str | None = None,
         queue_size: int = 16384,
         gallery_momentum: float = 0.999,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: float = 0.0,
-        lr_schedule: Literal["polynomial", "step"] = "step",
-        lr_milestones: tuple[int, ...] = (48, 72, 90),
-        lr_gamma: float = 0.1,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=0.05, weight_decay=5e-4, decay_norm_and_bias=False, schedule="step", milestones=(48, 72, 90)
+        ),
         seed: int = 0,
     ) -> None:
         super().__init__()

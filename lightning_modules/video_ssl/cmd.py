@@ -30,8 +30,8 @@ tokens and 1×4×4 targets, and the learned positions are resized to them
 
 Recipe ([CODE*], from a public copy of the authors' code, TonyAlbertWan/CPaR ``pretrain.py`` and
 ``cfg/ucf_config.py``; not checked against the paper): SGD with Nesterov momentum 0.9, weight
-decay 1e-3 on every parameter, lr = ``lr_per_sample`` (5e-4) × global batch (GPUs × per-GPU
-batch; here also × gradient accumulation), 5 warm-up epochs rising linearly per step from 1 % of
+decay 1e-3 on every parameter, lr = 5e-4 per sample × global batch (``optim.lr`` for
+``optim.lr_batch_size`` 1; GPUs × per-GPU batch, here also × gradient accumulation), 5 warm-up epochs rising linearly per step from 1 % of
 it, then a cosine to 0 (the code's cosine steps once per epoch; here per step), 200 epochs,
 gradient-norm clipping at 15 and SyncBN (trainer options in the config). All backbones start
 with their residual branches' last BN at zero, as the code's ResNets (``zero_init_residual=True``).
@@ -39,7 +39,6 @@ with their residual branches' last BN at zero, as the code's ResNets (``zero_ini
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional
 
@@ -47,14 +46,14 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import VisionZooModule
-from lightning_modules.batch_size import scaled_lr
 from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys, zero_init_residual_
-from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
 from lightning_modules.nn.video_resnet import cmd_tokens, create_video_backbone
+from lightning_modules.recipe import OptimizerRecipe
+from lightning_modules.video_ssl.evaluation import ClipFeaturePredictions
 
 
-class CMD(VisionZooModule):
+class CMD(ClipFeaturePredictions, VisionZooModule):
     """Context and motion decoupling pretraining (module docstring). Architecture defaults are
     the code's [CODE*]: R(2+1)D-26 clips, 3-D ResNet-10 MVs, transformer of 512 dims with 8 heads,
     2 encoder and 4 decoder layers, FFN 512, dropout 0.1, heads 2048 → 512, τ 0.1.
@@ -83,12 +82,9 @@ class CMD(VisionZooModule):
         temperature: float = 0.1,
         context_weight: float = 1.0,
         motion_weight: float = 1.0,
-        lr_per_sample: float = 5e-4,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 1e-3,
-        warmup_epochs: float = 5.0,
-        warmup_start_factor: float = 0.01,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=5e-4, lr_batch_size=1, nesterov=True, weight_decay=1e-3, warmup_epochs=5.0, warmup_start_factor=0.01
+        ),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -149,18 +145,3 @@ class CMD(VisionZooModule):
         )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        lr = scaled_lr(self.trainer, hp.lr_per_sample, 1, self.method_name)  # the code's linear rule, per sample
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-        )
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = max(1, int(hp.warmup_epochs * steps_per_epoch)) if hp.warmup_epochs > 0 else 0
-        schedule = functools.partial(
-            warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps, start_factor=hp.warmup_start_factor
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

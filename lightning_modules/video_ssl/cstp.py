@@ -25,7 +25,7 @@ schedule is ``CosineAnnealingWarmupRestarts(first_cycle_steps=n_epochs, warmup_s
 max_lr=lr, min_lr=1e-5)`` stepped once an epoch; with one cycle as long as training it never
 restarts (``cycle_mult`` and ``gamma`` never act), so at epoch e (from 0) the lr is
 min_lr + (lr − min_lr)·e/W for e < W = 0.5·n_epochs, then
-min_lr + (lr − min_lr)·(1 + cos(π·(e − W)/(n_epochs − W)))/2. :func:`warmup_cosine` is the same
+min_lr + (lr − min_lr)·(1 + cos(π·(e − W)/(n_epochs − W)))/2. :func:`~lightning_modules.nn.schedules.lr_factor` is the same
 curve evaluated at every optimizer step (the fraction of training done instead of the whole epoch
 count), through a ``LambdaLR``. SGD's momentum 0.9 is UNVERIFIED (the code's ``--momentum``
 default was not read). The code's Glorot-uniform initialisation of every layer is not copied: the
@@ -38,7 +38,6 @@ There is no validation step: the representation is judged by the shared UCF101 p
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Any
 
 import torch
@@ -49,11 +48,12 @@ from lightning_modules.base import VisionZooModule
 from lightning_modules.nn.byol import MLP, symmetric_byol_loss
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
 from lightning_modules.nn.stor_heads import STORHeads
-from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
+from lightning_modules.recipe import OptimizerRecipe
+from lightning_modules.video_ssl.evaluation import ClipFeaturePredictions
 
 
-class CSTP(VisionZooModule):
+class CSTP(ClipFeaturePredictions, VisionZooModule):
     """BYOL plus the STOR, pace and rotation heads (see the module docstring).
 
     ``backbone``/``pretrained``/``weights``: the :class:`VideoEncoder` (CSTP trains R(2+1)D-10
@@ -61,7 +61,8 @@ class CSTP(VisionZooModule):
     rate m. ``loss_weights``: (BYOL, spatial, temporal, pace, rotation). ``overlap_classes``: the
     number of overlap rates of the sampler; ``clip_classes``: outputs of the pace and rotation heads
     (5 as in the code, one more than their 4 classes; see :mod:`lightning_modules.nn.stor_heads`).
-    ``lr`` (peak), ``momentum``, ``weight_decay``, ``warmup_fraction``, ``min_lr``: SGD and its schedule.
+    ``optim`` (:class:`~lightning_modules.recipe.OptimizerRecipe`): SGD and its one-cycle schedule,
+    warming up from ``min_lr`` (``warmup_start_factor`` = min_lr / lr) over half the run.
     """
 
     method_name = "cstp"
@@ -77,11 +78,9 @@ class CSTP(VisionZooModule):
         loss_weights: tuple[float, float, float, float, float] = (0.1, 1.0, 1.0, 1.0, 1.0),
         overlap_classes: int = 5,
         clip_classes: int = 5,
-        lr: float = 0.03,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_fraction: float = 0.5,
-        min_lr: float = 1e-5,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=0.03, weight_decay=5e-4, warmup_fraction=0.5, warmup_start_factor=1e-5 / 0.03, min_lr=1e-5
+        ),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -141,15 +140,3 @@ class CSTP(VisionZooModule):
         the projector; the code updates at the start of every forward, which gives the same targets."""
         momentum_update_(self.target_encoder, self.backbone, self.hparams.target_momentum)
         momentum_update_(self.target_projector, self.projector, self.hparams.target_momentum)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        schedule = functools.partial(
-            warmup_cosine, warmup_steps=hp.warmup_fraction * total_steps, total_steps=total_steps,
-            start_factor=hp.min_lr / hp.lr, end_factor=hp.min_lr / hp.lr,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -27,7 +27,6 @@ loader position.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -38,9 +37,8 @@ from torch import Tensor, nn
 from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.video import RETRIEVAL_KS, ClipTop1, RetrievalRecall, VideoTop1
 from lightning_modules.base import EvaluatedModule, Stage
-from lightning_modules.batch_size import scaled_lr
-from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
+from lightning_modules.recipe import OptimizerRecipe
 
 BACKBONE_PREFIX = "backbone."
 
@@ -80,6 +78,14 @@ def load_backbone(encoder: VideoEncoder, checkpoint: str) -> None:
     encoder.load_state_dict(weights)
 
 
+class ClipFeaturePredictions:
+    """``visionzoo predict`` of a clip encoder (the ``forward`` of every video method but the
+    classifier): the pooled backbone feature of each clip, ``features`` [B, D]."""
+
+    def prediction_outputs(self, batch: dict) -> dict[str, Tensor]:
+        return {"features": self(batch["video"]).float()}
+
+
 # --------------------------------------------------------------------------- classification
 
 
@@ -91,12 +97,12 @@ class VideoClassifier(EvaluatedModule):
     ``feature_batchnorm`` the feature first goes through a BatchNorm without affine parameters
     (the linear probe of MAE, He et al., CVPR 2022: once its statistics are fixed it is a linear
     map that the classifier absorbs, and it makes the learning rate independent of the scale of
-    the pretrained features, which differs from method to method). Optimiser: SGD
-    (``nesterov`` optional) with weight decay on every trained parameter; the learning rate
-    rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_epochs`` and then follows a cosine
-    down to ``min_lr`` at the end of training (per step). The three rates are for a global batch
-    of ``lr_batch_size`` clips and scale linearly with the run's global batch (devices × batch ×
-    accumulation; ``None``: used as given): a linear layer on standardised D-dimensional features
+    the pretrained features, which differs from method to method). Optimiser (``optim``,
+    :class:`~lightning_modules.recipe.OptimizerRecipe`): SGD with weight decay on every trained
+    parameter; the learning rate rises linearly from ``warmup_start_factor`` × ``lr`` to ``lr``
+    over ``warmup_epochs`` and then follows a cosine down to ``min_lr`` at the end of training
+    (per step). The rates are for a global batch of ``lr_batch_size`` clips and scale linearly
+    with the run's global batch (devices × batch × accumulation; ``None``: used as given): a linear layer on standardised D-dimensional features
     moves a clip's logits by about lr·D/batch per step (more with momentum), so the probe's lr 0.1
     for batch 64 diverges unscaled at the mini preset's batch 8. The defaults are CMD's
     fine-tuning recipe (method card §8 (5) [CODE*], read in a copy of the code, which scales the
@@ -119,18 +125,12 @@ class VideoClassifier(EvaluatedModule):
         freeze_backbone: bool = False,
         feature_batchnorm: bool = False,
         dropout: float = 0.3,
-        lr: float = 8e-4,
-        lr_batch_size: int | None = 8,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 3e-3,
-        warmup_epochs: float = 10.0,
-        warmup_lr: float = 3.2e-5,
-        min_lr: float = 1e-6,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=8e-4, lr_batch_size=8, nesterov=True, weight_decay=3e-3, warmup_epochs=10.0,
+            warmup_start_factor=3.2e-5 / 8e-4, min_lr=1e-6,
+        ),
     ) -> None:
         super().__init__()
-        if lr_batch_size is not None and lr_batch_size < 1:
-            raise ValueError(f"model.init_args.lr_batch_size must be a positive batch size or null, got {lr_batch_size}")
         self.save_hyperparameters()
         self.backbone = VideoEncoder(backbone, pretrained, weights)
         if pretrained_checkpoint is not None:
@@ -159,9 +159,17 @@ class VideoClassifier(EvaluatedModule):
 
     def forward(self, video: Tensor) -> Tensor:
         """Class logits [B, num_classes] of clips [B, 3, T, H, W]."""
+        return self.head(self.features(video))
+
+    def features(self, video: Tensor) -> Tensor:
+        """Pooled backbone features [B, D]; without gradient when the backbone is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
-            features = self.backbone(video)
-        return self.head(features)
+            return self.backbone(video)
+
+    def prediction_outputs(self, batch: dict) -> dict[str, Tensor]:
+        """``visionzoo predict``: each clip's pooled backbone ``features`` and class ``logits``."""
+        features = self.features(batch["video"])
+        return {"features": features.float(), "logits": self.head(features).float()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self(batch["video"])
@@ -180,27 +188,10 @@ class VideoClassifier(EvaluatedModule):
     def evaluation_outputs(self, batch: dict) -> dict[str, Tensor]:
         return {"logits": self(batch["video"]).float()}
 
-    # ----------------------------------------------------------------------------- optimisation
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        lr = scaled_lr(self.trainer, hp.lr, hp.lr_batch_size, self.method_name)
-        trained = [p for p in self.parameters() if p.requires_grad]  # the linear layer only when frozen
-        optimizer = torch.optim.SGD(trained, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                    weight_decay=hp.weight_decay)
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        schedule = functools.partial(
-            warmup_cosine, warmup_steps=int(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps,
-            start_factor=hp.warmup_lr / hp.lr, end_factor=hp.min_lr / hp.lr,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
 
 # --------------------------------------------------------------------------- retrieval
 
-class ClipRetrieval(EvaluatedModule):
+class ClipRetrieval(ClipFeaturePredictions, EvaluatedModule):
     """Video retrieval R@k of a pretrained backbone, without training (``visionzoo test`` only;
     the DataModule needs ``test_gallery: true``).
 

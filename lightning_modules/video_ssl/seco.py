@@ -54,7 +54,6 @@ authors' code (card [CODE]); the paper's absolute numbers (UCF101 ≈ 88.3 fine-
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +64,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.base import VisionZooModule
-from lightning_modules.batch_size import scaled_lr
 from lightning_modules.distributed.comm import all_gather
 from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
 from lightning_modules.nn.contrastive import (
     FeatureQueue, ProjectionHead, info_nce_logits, info_nce_loss, positive_top1, two_way_logits,
 )
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
-from lightning_modules.nn.schedules import warmup_cosine
 from lightning_modules.nn.video_encoder import VideoEncoder
+from lightning_modules.recipe import OptimizerRecipe
+from lightning_modules.video_ssl.evaluation import ClipFeaturePredictions
 
 HEADS = ("fc_inter", "fc_intra", "fc_order")
 MOCO_ENCODER_PREFIX = "module.encoder_q."
@@ -98,16 +97,17 @@ def read_moco_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str,
     return backbone, head
 
 
-class SeCo(VisionZooModule):
+class SeCo(ClipFeaturePredictions, VisionZooModule):
     """SeCo pretraining (see the module docstring).
 
     ``backbone``: a timm 2-D model name; ``pretrained``/``weights`` as in DESIGN.md (``weights``
     may also be a MoCo checkpoint). ``projection_dim``/``mlp``: the three heads. ``queue_size``
     K, ``temperature`` τ (inter), ``intra_temperature`` τ_intra, ``key_momentum`` the EMA α,
-    ``inter_weight``/``intra_weight``/``order_weight`` the loss weights. ``base_lr`` is the lr
-    per 256 samples of global batch (per-device batch × devices × accumulation);
-    ``warmup_epochs`` of linear warm-up from ``warmup_start_factor`` × lr, then cosine to
-    ``min_lr``. ``seed`` seeds the queue's start and the shuffle-BN permutations (the same on
+    ``inter_weight``/``intra_weight``/``order_weight`` the loss weights. ``optim``
+    (:class:`~lightning_modules.recipe.OptimizerRecipe`): lr 0.1 per 256 samples of global batch
+    (per-device batch × devices × accumulation), ``warmup_epochs`` of linear warm-up from
+    ``warmup_start_factor`` × lr, then cosine to ``min_lr``, which scales with the batch like the
+    lr: 5e-7 per 256 is the code's absolute 1e-6 at its global batch of 512. ``seed`` seeds the queue's start and the shuffle-BN permutations (the same on
     every rank).
     """
 
@@ -127,12 +127,9 @@ class SeCo(VisionZooModule):
         inter_weight: float = 1.0,
         intra_weight: float = 1.0,
         order_weight: float = 1.0,
-        base_lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        warmup_epochs: float = 5.0,
-        warmup_start_factor: float = 0.01,
-        min_lr: float = 1e-6,
+        optim: OptimizerRecipe = OptimizerRecipe(
+            lr=0.1, lr_batch_size=256, weight_decay=1e-4, warmup_epochs=5.0, warmup_start_factor=0.01, min_lr=5e-7
+        ),
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -246,21 +243,6 @@ class SeCo(VisionZooModule):
     def after_optimizer_step(self) -> None:
         """The key encoder follows the query encoder after each optimizer step."""
         self.update_key_encoder()
-
-    # ----------------------------------------------------------------------------- optimisation
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        lr = scaled_lr(self.trainer, hp.base_lr, 256, self.method_name)  # the authors' base lr per 256 samples
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
-        schedule = functools.partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps,
-                                     start_factor=hp.warmup_start_factor, end_factor=hp.min_lr / lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- distributed, checkpoints
 

@@ -94,7 +94,8 @@ def test_val_loaders_per_set_in_order(root: Path) -> None:
     for name, loader in zip(datamodule.val_set_names, loaders):
         images, issame = read_verification_bin(root / f"{name}.bin")
         batches = list(loader)
-        assert all(set(b) == {"image", "flipped", "pair_index", "issame", "eval_set", "index"} for b in batches)
+        assert all(set(b) == {"image", "flipped", "pair_index", "issame", "eval_set", "index", "path"} for b in batches)
+        assert [p for b in batches for p in b["path"]] == [f"{root / name}.bin#{i}" for i in range(2 * NUM_PAIRS)]
         assert all(b["eval_set"] == [name] * len(b["index"]) for b in batches)
         assert np.array_equal(torch.cat([b["issame"] for b in batches]).numpy(), np.repeat(issame, 2))
         index = torch.cat([b["index"] for b in batches])

@@ -23,7 +23,7 @@ from datamodules.ucf101 import UCF101DataModule
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.cmd import GridEmbedding, gathered_info_nce, motion_keys
 from lightning_modules.nn.video_resnet import cmd_tokens
-from lightning_modules.nn.schedules import warmup_cosine
+from lightning_modules.nn.schedules import lr_factor
 from lightning_modules.video_ssl.cmd import CMD
 
 from conftest import CONFIGS
@@ -178,6 +178,8 @@ def test_mv_clip_shares_the_rgb_crop_box_and_flip_and_is_clamped_without_sign_ch
 
 
 def test_warmup_from_one_percent_then_cosine_to_zero():
+    warmup_cosine = lambda step, warmup, total, start: lr_factor(  # noqa: E731
+        step, schedule="cosine", warmup_steps=warmup, total_steps=total, start_factor=start)
     assert warmup_cosine(0, 10, 100, 0.01) == pytest.approx(0.01)
     assert warmup_cosine(9, 10, 100, 0.01) == pytest.approx(0.01 + 0.99 * 0.9)
     assert warmup_cosine(10, 10, 100, 0.01) == pytest.approx(1.0)

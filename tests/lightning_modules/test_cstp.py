@@ -24,7 +24,7 @@ from datamodules.clips import ClipSpec, VideoRecord
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.byol import symmetric_byol_loss
 from lightning_modules.nn.stor_heads import STORHeads
-from lightning_modules.nn.schedules import warmup_cosine
+from lightning_modules.nn.schedules import lr_factor
 from lightning_modules.video_ssl.cstp import CSTP
 
 from conftest import CONFIGS
@@ -210,7 +210,8 @@ def test_schedule_is_the_codes_one_cycle_warmup_cosine_at_epoch_boundaries():
     n_epochs, steps_per_epoch, lr, min_lr = 300, 7, 0.03, 1e-5
     for epoch in [0, 1, 75, 149, 150, 151, 225, 299]:
         total = n_epochs * steps_per_epoch
-        factor = warmup_cosine(epoch * steps_per_epoch, 0.5 * total, total, min_lr / lr, min_lr / lr)
+        factor = lr_factor(epoch * steps_per_epoch, schedule="cosine", warmup_steps=0.5 * total, total_steps=total,
+                           start_factor=min_lr / lr, end_factor=min_lr / lr)
         assert lr * factor == pytest.approx(_code_scheduler_lr(epoch, n_epochs, lr, min_lr), rel=1e-9)
 
 

@@ -242,9 +242,9 @@ def test_backbone_encodes_clips_by_averaging_frames():
 
 
 def test_lr_scales_with_the_global_batch_and_warms_up_from_a_hundredth():
-    from lightning_modules.nn.schedules import warmup_cosine
+    from lightning_modules.nn.schedules import lr_factor
 
-    factor = functools.partial(warmup_cosine, warmup_steps=10, total_steps=110, start_factor=0.01, end_factor=1e-6 / 0.2)
+    factor = functools.partial(lr_factor, schedule="cosine", warmup_steps=10, total_steps=110, start_factor=0.01, end_factor=1e-6 / 0.2)
     assert factor(0) == pytest.approx(0.01) and factor(5) == pytest.approx(0.505) and factor(10) == pytest.approx(1.0)
     assert factor(60) == pytest.approx((1e-6 + (0.2 - 1e-6) * 0.5) / 0.2) and factor(110) == pytest.approx(1e-6 / 0.2)
 

@@ -145,6 +145,9 @@ def test_sst_learns_the_mini_set(mini_ms1m, tmp_path, monkeypatch):
         "fit", "--config", str(CONFIGS / "ms1m/sst_r50.yaml"), "--config", str(CONFIGS / "ms1m/mini.yaml"),
         "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(mini_ms1m),
         "--trainer.max_epochs", "40", "--trainer.check_val_every_n_epoch", "40",  # 80 steps of 32 identities
+        # The mini preset's warm-up is 2 steps; the measured 0.68 was with the first at half the
+        # rate (from 0, arcface_torch's rule: 0.60). A queue filled by the first steps matters here.
+        "--model.init_args.optim.warmup_start_factor", "0.5",
     ])
     accuracy = [float(r["val/acc"]) for r in metrics(Path(cli.trainer.default_root_dir)) if r.get("val/acc")]
     assert accuracy[-1] > 0.62, accuracy  # chance is 0.5 (unseen identities); measured 0.68

@@ -24,6 +24,7 @@ from datamodules.ucf101 import collate_dropping_skipped
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.video_encoder import VideoEncoder
 from lightning_modules.base import Evaluation
+from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.video_ssl.evaluation import VideoClassifier, load_backbone
 
 from conftest import CONFIGS
@@ -64,8 +65,8 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[s
 
 def test_linear_probe_freezes_the_backbone_and_its_batchnorm_and_trains_the_linear_layer():
     torch.manual_seed(0)
-    model = VideoClassifier(num_classes=3, freeze_backbone=True, feature_batchnorm=True, dropout=0.0, lr=0.1,
-                            warmup_epochs=0)
+    model = VideoClassifier(num_classes=3, freeze_backbone=True, feature_batchnorm=True, dropout=0.0,
+                            optim=OptimizerRecipe(lr=0.1))
     assert model.method_name == "linear_probe"
     backbone, head = _snapshot(model.backbone), _snapshot(model.head)
     _fit_a_few_steps(model)
@@ -80,7 +81,7 @@ def test_linear_probe_freezes_the_backbone_and_its_batchnorm_and_trains_the_line
 
 def test_finetuning_trains_the_backbone():
     torch.manual_seed(0)
-    model = VideoClassifier(num_classes=3, lr=0.1, warmup_epochs=0)
+    model = VideoClassifier(num_classes=3, optim=OptimizerRecipe(lr=0.1))
     assert model.method_name == "finetune"
     backbone = _snapshot(model.backbone)
     _fit_a_few_steps(model)
@@ -93,14 +94,14 @@ def test_finetuning_trains_the_backbone():
 @pytest.mark.parametrize("lr_batch_size, expected", [(64, 0.1 * 8 / 64), (None, 0.1)])
 def test_learning_rate_scales_linearly_with_the_global_batch(lr_batch_size, expected):
     """Batches of 4 accumulated twice: a global batch of 8."""
-    model = VideoClassifier(num_classes=3, freeze_backbone=True, lr=0.1, lr_batch_size=lr_batch_size, warmup_epochs=0)
+    model = VideoClassifier(num_classes=3, freeze_backbone=True, optim=OptimizerRecipe(lr=0.1, lr_batch_size=lr_batch_size))
     _fit_a_few_steps(model, steps=1, accumulate_grad_batches=2)
     assert model.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(expected)
 
 
 def test_a_non_positive_lr_batch_size_is_an_error_naming_the_key():
-    with pytest.raises(ValueError, match="lr_batch_size"):
-        VideoClassifier(num_classes=3, lr_batch_size=0)
+    with pytest.raises(ValueError, match="optim: lr_batch_size"):
+        VideoClassifier(num_classes=3, optim=OptimizerRecipe(lr=0.1, lr_batch_size=0))
 
 
 def _pretraining_checkpoint(path: Path, encoder: VideoEncoder, **extra: torch.Tensor) -> str:
