@@ -5,7 +5,7 @@ Lightning restores weights, optimizer, LR schedulers, loop counters and (for a
 global random number generators, so dropout masks and sampled classes after a resume would
 differ from an uninterrupted run, and rows that a killed run logged after its last checkpoint
 would appear twice in ``metrics.csv``; and its restore of the data position misses cases
-(:meth:`ResumeState._restore_data_position`). :class:`ResumeState` handles all three.
+(:func:`lightning_modules.framework.restore_train_position`). :class:`ResumeState` handles all three.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
-from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lightning_modules.framework import logged_step, restore_train_position
 
 
 def rng_states() -> dict[str, Any]:
@@ -91,7 +91,7 @@ class ResumeState(Callback):
         checkpoint["resume_state"] = {
             "rng_states": gathered,
             "seed": os.environ.get("PL_GLOBAL_SEED"),
-            "logged_step": trainer.fit_loop.epoch_loop._batches_that_stepped,
+            "logged_step": logged_step(trainer),
         }
         for logger in trainer.loggers:  # rows up to the checkpoint survive a kill right after it
             logger.save()
@@ -130,32 +130,7 @@ class ResumeState(Callback):
         self._to_restore = None
 
     def _restore_data_position(self, trainer: Trainer) -> None:
-        """Restart the train loader where the checkpoint left it, with the epoch's order.
-
-        Lightning's own restore of a ``StatefulDataLoader`` misses three cases: it drops the
-        position when the loader was built before the checkpoint was read (a
-        ``configure_optimizers`` that asks for ``trainer.estimated_stepping_batches``); it
-        replays the position with the sampler still at epoch 0 (a ``DistributedSampler`` is
-        set to the resumed epoch only afterwards); and a position at the end of an epoch
-        leaves the next epoch without batches. Here the iterator is rebuilt from the saved
-        position after setting the sampler's epoch; a position that used up its epoch is
-        restored (workers and their augmentation RNGs) and then moved on to the next epoch,
-        as an uninterrupted run's persistent workers would be.
-        """
+        """The train loaders at the checkpoint's position, with its epoch's order
+        (:func:`lightning_modules.framework.restore_train_position`)."""
         states, self._loader_states = self._loader_states, None
-        fit_loop = trainer.fit_loop
-        if not states or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
-            return
-        loaders = [loader for loader in fit_loop._combined_loader.flattened if isinstance(loader, StatefulDataLoader)]
-        if len(loaders) != len(states):
-            rank_zero_warn(f"the checkpoint has {len(states)} train loader states for {len(loaders)} loaders: not restored")
-            return
-        for loader, state in zip(loaders, states):
-            main = state.get("_snapshot", {}).get("_main_snapshot", state)  # with workers / without
-            _set_sampler_epoch(loader, self._epoch)
-            loader.load_state_dict(state)
-            if main["_sampler_iter_yielded"] >= len(loader):
-                iter(loader)  # the saved position: its workers, their RNGs, nothing left to yield
-                _set_sampler_epoch(loader, self._epoch + 1)
-        fit_loop._combined_loader_states_to_load = []
-        iter(fit_loop._data_fetcher)  # the next epoch of a used-up position, as workers continue it
+        restore_train_position(trainer, states, self._epoch)

@@ -89,6 +89,14 @@ class VisionZooModule(LightningModule):
 
     method_name: str
 
+    def train(self, mode: bool = True) -> VisionZooModule:
+        """Modules frozen with :func:`~lightning_modules.nn.backbones.freeze_` stay in eval mode."""
+        super().train(mode)
+        for module in self.modules():
+            if getattr(module, "frozen", False):
+                module.eval()
+        return self
+
     # ----------------------------------------------------------------------- optimizer steps
 
     def parameters_with_own_optimizer(self) -> Iterable[nn.Parameter]:

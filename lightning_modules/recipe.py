@@ -32,6 +32,7 @@ from lightning import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_modules.framework import build_train_loader
 from lightning_modules.nn.schedules import ScheduleName, lr_factor
 
 NORMALISATION = (nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.LayerNorm, nn.GroupNorm)
@@ -41,9 +42,7 @@ def global_batch_size(trainer: Trainer) -> int:
     """Samples per optimizer step over all ranks: per-device batch × devices × nodes × gradient
     accumulation. The per-device batch is the training loader's, else the DataModule's
     ``batch_size``. Call it from ``configure_optimizers`` or later."""
-    if trainer.train_dataloader is None:
-        # Trainer.estimated_stepping_batches loads it the same way, but not when max_epochs is -1.
-        trainer.fit_loop.setup_data()
+    build_train_loader(trainer)
     loader = trainer.train_dataloader
     per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
     if not per_device:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.mvtec import AUPRO, ImageAUROC, PixelAUROC
 from lightning_modules.base import EvaluatedModule, Stage
-from lightning_modules.nn.backbones import FrozenFeatures
+from lightning_modules.nn.backbones import create_backbone, freeze_
 from lightning_modules.nn.flows import FusionFlow, ParallelFlow
 from lightning_modules.recipe import OptimizerRecipe
 
@@ -107,9 +107,10 @@ class MSFlow(EvaluatedModule):
                 f"model.parallel_blocks {list(parallel_blocks)} needs one entry per feature level "
                 f"{list(feature_levels)}"
             )
-        self.extractor = FrozenFeatures(backbone, pretrained, weights, feature_levels)
+        self.extractor = freeze_(create_backbone(backbone, pretrained, weights, features_only=True,
+                                                 out_indices=tuple(feature_levels)))
         self.smooth = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
-        channels = self.extractor.channels
+        channels = self.extractor.feature_info.channels()
         self.parallel_flows = nn.ModuleList(
             ParallelFlow(c, n, condition_channels, clamp) for c, n in zip(channels, parallel_blocks)
         )

@@ -12,8 +12,9 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
    rank's temporaries are (global batch × chunk_classes), whatever its share of the classes,
    and the element-wise work of each chunk can be fused by ``torch.compile`` (``compile_chunks``,
    opt-in until its CUDA test has run on a GPU).
-   The centres are kept out of DDP's gradient all-reduce, and a checkpoint holds them whole,
-   so that it resumes on any number of ranks.
+   The centres are kept out of DDP's gradient all-reduce; a checkpoint keeps them, and their
+   momentum, in one file per rank beside it, so that no rank ever holds the whole head and the
+   checkpoint resumes on any number of ranks (:mod:`~lightning_modules.distributed.sharded_state`).
 4. Validation follows insightface ``eval/verification.py`` (:mod:`lightning_modules.face.base`):
    embeddings of the image and of its horizontal flip are summed, then the 10-fold accuracy
    of each ``.bin`` pair set.
@@ -31,11 +32,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
-from lightning_modules.distributed.comm import world_info
-from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax, gather_full_weight, shard_of
+from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
+from lightning_modules.distributed.sharded_state import SHARDS, read_rows, write_shards
 from lightning_modules.face.base import FaceRecognitionModule
+from lightning_modules.framework import keep_out_of_ddp
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.margins import CombinedMarginHead, MarginHead
 from lightning_modules.recipe import OptimizerRecipe
@@ -85,7 +86,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         )
         ignored = [f"softmax.{name}" for name in self.softmax.model_parallel_parameter_names()]
         ignored += [f"softmax.head.{name}" for name, _ in self.head.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
+        keep_out_of_ddp(self, ignored)
 
     def forward(self, images: Tensor) -> Tensor:
         """Unnormalised embeddings [B, D]."""
@@ -100,27 +101,35 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
 
     # ------------------------------------------------------------- checkpoints across world sizes
 
-    def _reshard_centres(self, checkpoint: dict[str, Any], transform) -> None:
-        """Apply ``transform`` to the centres and to their optimizer state in a checkpoint.
-
-        The optimizer numbers parameters as ``configure_optimizers`` orders them, which does
-        not depend on the world size. ``optimizer.state_dict()`` shares its per-parameter
-        dicts with the live optimizer, so entries are replaced, never modified in place.
-        """
-        checkpoint["state_dict"][CENTRES_KEY] = transform(checkpoint["state_dict"][CENTRES_KEY])
+    def _centres_optimizer_states(self, checkpoint: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
+        """(optimizer state, slot) of the centres in each of the checkpoint's optimizers. The
+        optimizer numbers parameters as ``configure_optimizers`` orders them, which does not
+        depend on the world size."""
         parameters = [p for group in self.optimizer_parameter_groups() for p in group["params"]]
         slot = next(i for i, p in enumerate(parameters) if p is self.softmax.weight)
-        for optimizer in checkpoint.get("optimizer_states", []):
-            state = optimizer["state"].get(slot)
-            if state and "momentum_buffer" in state:
-                optimizer["state"][slot] = {**state, "momentum_buffer": transform(state["momentum_buffer"])}
+        return [(optimizer["state"], slot) for optimizer in checkpoint.get("optimizer_states", [])]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the centres and their momentum whole (a collective: every rank saves)."""
-        self._reshard_centres(checkpoint, lambda shard: gather_full_weight(shard.detach()).cpu())
+        """The centres and their momentum go to per-rank shard files, each rank's own rows
+        (:mod:`~lightning_modules.distributed.sharded_state`; a collective: every rank saves).
+        ``optimizer.state_dict()`` shares its per-parameter dicts with the live optimizer, so
+        entries are replaced, never modified in place."""
+        tensors = {"weight": checkpoint["state_dict"].pop(CENTRES_KEY)}
+        for states, slot in self._centres_optimizer_states(checkpoint):
+            if "momentum_buffer" in states.get(slot, {}):
+                tensors["momentum"] = states[slot]["momentum_buffer"]
+                states[slot] = {k: v for k, v in states[slot].items() if k != "momentum_buffer"}
+        checkpoint[SHARDS] = write_shards(tensors, self.softmax.start, self.hparams.num_classes,
+                                          self.trainer.default_root_dir, self.trainer.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Slice the whole centres and momentum for this rank, whatever the saving world size."""
+        """This rank's rows of the centres and their momentum, whatever the saving world size."""
         self.configure_model()
-        rank, world_size = world_info()
-        self._reshard_centres(checkpoint, lambda full: shard_of(full, rank, world_size))
+        if SHARDS not in checkpoint:
+            raise ValueError("the checkpoint has no sharded class centres: it was not written by this version of "
+                             "visionzoo (before, the centres were stored whole in the checkpoint file)")
+        rows = read_rows(checkpoint[SHARDS], self.softmax.start, self.softmax.end)
+        checkpoint["state_dict"][CENTRES_KEY] = rows["weight"]
+        for states, slot in self._centres_optimizer_states(checkpoint):
+            if "momentum" in rows:
+                states[slot] = {**states.get(slot, {}), "momentum_buffer": rows["momentum"]}

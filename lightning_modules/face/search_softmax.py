@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.base import Evaluation
 from lightning_modules.distributed.comm import all_gather, broadcast_, world_info
 from lightning_modules.face.base import FaceRecognitionModule
+from lightning_modules.framework import is_last_batch, keep_out_of_ddp
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.loss_search import GaussianLossPolicy, normalised_rewards
 from lightning_modules.nn.margins import SearchSoftmaxHead
@@ -84,9 +84,7 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         """Workers train independently: DDP averages only the policy (whose gradient in a
         training step is zero; its update is the REINFORCE step)."""
         model = [name for name, _ in self.named_parameters() if not name.startswith("policy.")]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self, model + [name for name, _ in self.named_buffers()]
-        )
+        keep_out_of_ddp(self, model + [name for name, _ in self.named_buffers()])
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
@@ -115,8 +113,7 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """At the epoch's last batch, before Lightning's validation: reward, copy the best, update π."""
         super().on_train_batch_end(outputs, batch, batch_idx)
-        last_batch = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if last_batch and self.current_epoch >= self.hparams.first_rewarded_epoch:
+        if is_last_batch(self.trainer) and self.current_epoch >= self.hparams.first_rewarded_epoch:
             accuracies = self.search_step(self._reward_accuracy(), self.trainer.optimizers)
             self.log_dict({"search/best_acc": float(accuracies.max()), "search/best_worker": float(accuracies.argmax()),
                            "search/mu": float(self.policy.mu[0])},

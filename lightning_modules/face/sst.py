@@ -37,11 +37,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.distributed.comm import all_gather, world_info
 from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
 from lightning_modules.face.base import FaceRecognitionModule
+from lightning_modules.framework import keep_out_of_ddp
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.margins import MarginHead, SoftmaxHead
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
@@ -142,7 +142,7 @@ class SemiSiameseTraining(FaceRecognitionModule):
     def configure_model(self) -> None:
         """The queue is the same on every rank (it is written from gathered prototypes): keep
         it out of DDP's per-step buffer broadcast."""
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["queue", "queue_identity", "queue_pointer"])
+        keep_out_of_ddp(self, ["queue", "queue_identity", "queue_pointer"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sst_shared_generator"] = self._shared_generator.get_state()

@@ -1,16 +1,17 @@
-"""Backbones from timm, with the two ways out when pretrained weights cannot be had."""
+"""Every backbone from one factory, timm's (the suite's iResNets and video ResNets are in its
+registry, :mod:`lightning_modules.nn.registry`), with the two ways out when pretrained weights
+cannot be had; and the one way to freeze a module."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_modules.nn.iresnet import iresnet
+from lightning_modules.nn import iresnet, video_resnet  # noqa: F401  registers the suite's models with timm
+from lightning_modules.nn.iresnet import IResNet
 
 
 def create_backbone(name: str, pretrained: bool, weights: str | None = None, **kwargs: Any) -> nn.Module:
@@ -45,31 +46,18 @@ def create_backbone(name: str, pretrained: bool, weights: str | None = None, **k
 def create_embedding_backbone(
     name: str, embedding_size: int, pretrained: bool = False, weights: str | None = None, dropout: float = 0.0
 ) -> nn.Module:
-    """A backbone mapping images to ``embedding_size``-d embeddings: an iResNet of
-    :mod:`lightning_modules.nn.iresnet` (``iresnet50`` ...), or any timm model whose classifier
-    is sized to the embedding, followed by BatchNorm1d as the iResNet embedding ends."""
-    if name.startswith("iresnet"):
-        if pretrained or weights:
-            raise ValueError(f"'{name}' is trained from scratch here; set pretrained false and weights null")
-        return iresnet(name, embedding_size, dropout)
+    """A backbone mapping images to ``embedding_size``-d embeddings: an iResNet (``iresnet50`` ...,
+    whose embedding ends in BatchNorm1d), or any timm model whose classifier is sized to the
+    embedding, followed by BatchNorm1d as the iResNet embedding ends."""
     model = create_backbone(name, pretrained, weights, num_classes=embedding_size, drop_rate=dropout)
-    return nn.Sequential(model, nn.BatchNorm1d(embedding_size))
+    return model if isinstance(model, IResNet) else nn.Sequential(model, nn.BatchNorm1d(embedding_size))
 
 
-class FrozenFeatures(nn.Module):
-    """A timm feature extractor whose parameters are frozen and which always stays in eval
-    mode (BatchNorm statistics are never updated, dropout is off)."""
-
-    def __init__(self, name: str, pretrained: bool, weights: str | None, out_indices: Sequence[int]) -> None:
-        super().__init__()
-        self.model = create_backbone(name, pretrained, weights, features_only=True, out_indices=tuple(out_indices))
-        self.model.requires_grad_(False)
-        self.model.eval()
-        self.channels: list[int] = self.model.feature_info.channels()
-
-    def train(self, mode: bool = True) -> FrozenFeatures:
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return self.model(x)
+def freeze_(module: nn.Module) -> nn.Module:
+    """Freeze ``module`` in place and return it: no parameter is trained, and it is in eval mode
+    (BatchNorm statistics never move, dropout is off) now and after every ``train()`` of a
+    :class:`~lightning_modules.base.VisionZooModule` holding it, which keeps modules marked
+    ``frozen`` in eval mode. The module is not wrapped, so its checkpoint keys stay as they are."""
+    module.requires_grad_(False).eval()
+    module.frozen = True
+    return module

@@ -30,18 +30,8 @@ from timm.models.resnet import ResNet
 from torch import Tensor, nn
 
 from lightning_modules.distributed.comm import all_gather_with_grad, world_info
-from lightning_modules.nn.video_resnet import BasicBlock, Bottleneck
 
 Grid = tuple[int, int, int]
-
-
-def zero_init_residual_(module: nn.Module) -> None:
-    """Zero the last BatchNorm scale of every residual block of a
-    :mod:`~lightning_modules.nn.video_resnet` network, so that each block starts as its
-    shortcut: CMD's 3-D and (2+1)D ResNets are built with ``zero_init_residual=True`` [CODE*]."""
-    for block in module.modules():
-        if isinstance(block, (BasicBlock, Bottleneck)):
-            nn.init.zeros_(block.residual[-1].weight)
 
 
 class EmbeddingHead(nn.Sequential):

@@ -9,14 +9,18 @@ and Fig. 7; insightface ``arcface_torch`` backbones), written from that descript
   insightface freezes the scale of that last BN at 1; so does this module.
 
 Depths (blocks per stage): iresnet18 (2,2,2,2), 34 (3,4,6,3), 50 (3,4,14,3), 100 (3,13,30,3),
-200 (6,26,60,6).
+200 (6,26,60,6). Registered in timm's registry (:mod:`lightning_modules.nn.registry`):
+``timm.create_model("iresnet50", num_classes=512, drop_rate=0.0)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
+
+from lightning_modules.nn.registry import register_scratch_model
 
 DEPTHS: dict[str, tuple[int, int, int, int]] = {
     "iresnet18": (2, 2, 2, 2),
@@ -93,8 +97,31 @@ class IResNet(nn.Module):
         return self.embedding(self.stages(self.stem(x)))
 
 
-def iresnet(name: str, embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
-    if name not in DEPTHS:
-        raise ValueError(f"unknown iResNet '{name}'; choose one of {', '.join(DEPTHS)}")
-    return IResNet(DEPTHS[name], embedding_size, dropout)
+def _iresnet(name: str, num_classes: int, drop_rate: float, **kwargs: Any) -> IResNet:
+    """timm's arguments: ``num_classes`` is the embedding size, ``drop_rate`` the dropout."""
+    return IResNet(DEPTHS[name], embedding_size=num_classes, dropout=drop_rate, **kwargs)
 
+
+@register_scratch_model
+def iresnet18(num_classes: int = 512, drop_rate: float = 0.0, **kwargs: Any) -> IResNet:
+    return _iresnet("iresnet18", num_classes, drop_rate, **kwargs)
+
+
+@register_scratch_model
+def iresnet34(num_classes: int = 512, drop_rate: float = 0.0, **kwargs: Any) -> IResNet:
+    return _iresnet("iresnet34", num_classes, drop_rate, **kwargs)
+
+
+@register_scratch_model
+def iresnet50(num_classes: int = 512, drop_rate: float = 0.0, **kwargs: Any) -> IResNet:
+    return _iresnet("iresnet50", num_classes, drop_rate, **kwargs)
+
+
+@register_scratch_model
+def iresnet100(num_classes: int = 512, drop_rate: float = 0.0, **kwargs: Any) -> IResNet:
+    return _iresnet("iresnet100", num_classes, drop_rate, **kwargs)
+
+
+@register_scratch_model
+def iresnet200(num_classes: int = 512, drop_rate: float = 0.0, **kwargs: Any) -> IResNet:
+    return _iresnet("iresnet200", num_classes, drop_rate, **kwargs)

@@ -9,26 +9,26 @@ evaluation protocols load ``backbone.*`` from any pretraining checkpoint.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from lightning_modules.nn.backbones import create_backbone
-from lightning_modules.nn.video_resnet import VIDEO_BACKBONES, create_video_backbone
+from lightning_modules.nn.video_resnet import VideoResNet
 
 
 class VideoEncoder(nn.Module):
-    """``name``: a video ResNet name or a timm model name; ``pretrained``/``weights`` only for
-    timm models (the video ResNets are trained from scratch here)."""
+    """``name``: a video ResNet or any 2-D timm model, built by the one factory
+    (:func:`~lightning_modules.nn.backbones.create_backbone`, which passes ``kwargs`` on: e.g.
+    ``zero_init_residual`` for a video ResNet). ``pretrained``/``weights`` as there; the video
+    ResNets have no pretrained weights to fetch, only a local ``weights`` file."""
 
-    def __init__(self, name: str, pretrained: bool = False, weights: str | None = None, in_channels: int = 3) -> None:
+    def __init__(self, name: str, pretrained: bool = False, weights: str | None = None, in_channels: int = 3,
+                 **kwargs: Any) -> None:
         super().__init__()
         self.name = name
-        self.is_2d = name not in VIDEO_BACKBONES
-        if self.is_2d:
-            self.network = create_backbone(name, pretrained, weights, num_classes=0, in_chans=in_channels)
-        else:
-            if pretrained or weights:
-                raise ValueError(f"'{name}' is trained from scratch here; set pretrained false and weights null")
-            self.network = create_video_backbone(name, in_channels)
+        self.network = create_backbone(name, pretrained, weights, num_classes=0, in_chans=in_channels, **kwargs)
+        self.is_2d = not isinstance(self.network, VideoResNet)
         self.num_features: int = self.network.num_features
 
     def forward_frames(self, frames: Tensor) -> Tensor:

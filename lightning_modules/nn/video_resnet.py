@@ -24,18 +24,24 @@ Strides (stem (t, h, w); stages (t, s) for layer1..4), T x H for a 16 x 112 x 11
 - r3d_10 (CMD's motion-vector encoder): stem (1, 1, 1) + max-pool (1, 2, 2), same stages; an
   8 x 112 x 112 motion-vector clip gives 8x56 -> 8x56 -> 4x28 -> 2x14 -> (512, 1, 7, 7).
 
+The named models are in timm's registry (:mod:`lightning_modules.nn.registry`):
+``timm.create_model("r2plus1d_26", in_chans=3, zero_init_residual=True)``; ``zero_init_residual``
+starts every block as its shortcut (its last BatchNorm scale 0), as CMD's code builds them.
+
 CMD's layouts are read from a public copy of its released code (TonyAlbertWan/CPaR keeps its
 ``models/`` and ``pretrain.py``), not checked against the authors' repository.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_modules.nn.registry import register_scratch_model
 
 BlockType = Literal["basic", "bottleneck"]
 ConvType = Literal["2plus1d", "3d"]
@@ -211,28 +217,40 @@ class VideoResNet(nn.Module):
         return self.forward_features(x).mean(dim=(2, 3, 4))
 
 
-def r2plus1d_10(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
+def _video_resnet(num_classes: int, *args: Any, **kwargs: Any) -> VideoResNet:
+    """timm's ``num_classes`` must be 0: the named video ResNets end in pooled features."""
+    if num_classes:
+        raise ValueError(f"the video ResNets have no classifier (num_classes 0), got num_classes={num_classes}")
+    return VideoResNet(*args, **kwargs)
+
+
+@register_scratch_model
+def r2plus1d_10(in_chans: int = 3, num_classes: int = 0, **kwargs: Any) -> VideoResNet:
     """R(2+1)D-10, basic blocks (1, 1, 1, 1), 512-d: CSTP's backbone (Zhang et al., AAAI 2022,
     code ``models/pace/r21d_byol.py``). That code has no max-pool, stage strides 1/2/2/2 in time
     and space, and the stem's M from the formula (83); its downsampling shortcuts are (2+1)D
     1x1x1 convs, here a plain strided 1x1x1 conv."""
-    return VideoResNet("basic", (1, 1, 1, 1), "2plus1d", in_channels, stem_mid_channels=None, **kwargs)
+    return _video_resnet(num_classes, "basic", (1, 1, 1, 1), "2plus1d", in_chans, stem_mid_channels=None, **kwargs)
 
 
-def r2plus1d_test(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
+@register_scratch_model
+def r2plus1d_test(in_chans: int = 3, num_classes: int = 0, **kwargs: Any) -> VideoResNet:
     """R(2+1)D-10's layout at an eighth of its widths (8 to 64 channels, 64-d), for CPU tests and
     the mini presets, in the spirit of timm's ``test_resnet``; not a model of any paper."""
-    return VideoResNet("basic", (1, 1, 1, 1), "2plus1d", in_channels, widths=(8, 16, 32, 64), stem_mid_channels=None, **kwargs)
+    return _video_resnet(num_classes, "basic", (1, 1, 1, 1), "2plus1d", in_chans, widths=(8, 16, 32, 64),
+                         stem_mid_channels=None, **kwargs)
 
 
-def r2plus1d_18(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
+@register_scratch_model
+def r2plus1d_18(in_chans: int = 3, num_classes: int = 0, **kwargs: Any) -> VideoResNet:
     """R(2+1)D-18, basic blocks (2, 2, 2, 2), 512-d (Tran et al., CVPR 2018; torchvision's layout,
     33.2 M parameters: every (2+1)D conv takes M from its own channels, where torchvision reuses a
     block's first M for its second conv, 31.3 M)."""
-    return VideoResNet("basic", (2, 2, 2, 2), "2plus1d", in_channels, **kwargs)
+    return _video_resnet(num_classes, "basic", (2, 2, 2, 2), "2plus1d", in_chans, **kwargs)
 
 
-def r2plus1d_26(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
+@register_scratch_model
+def r2plus1d_26(in_chans: int = 3, num_classes: int = 0, **kwargs: Any) -> VideoResNet:
     """R(2+1)D-26, bottleneck blocks (2, 2, 2, 2), 2048-d: CMD's backbone (Huang et al., CVPR 2021).
 
     Layout as in CMD's released ``models/resnet2p1d.py`` (read in a public copy of that code,
@@ -242,10 +260,12 @@ def r2plus1d_26(in_channels: int = 3, **kwargs: Any) -> VideoResNet:
     layer1 16x28 -> layer2 8x14 -> layer3 (1024, 4, 7, 7) -> layer4 (2048, 2, 4, 4).
     """
     kwargs = {"stem_mid_channels": None, "stem_pool": True, **kwargs}
-    return VideoResNet("bottleneck", (2, 2, 2, 2), "2plus1d", in_channels, **kwargs)
+    return _video_resnet(num_classes, "bottleneck", (2, 2, 2, 2), "2plus1d", in_chans, **kwargs)
 
 
-def r3d_10(in_channels: int = 2, stem_stride: tuple[int, int, int] = (1, 1, 1), **kwargs: Any) -> VideoResNet:
+@register_scratch_model
+def r3d_10(in_chans: int = 2, num_classes: int = 0, stem_stride: tuple[int, int, int] = (1, 1, 1),
+           **kwargs: Any) -> VideoResNet:
     """3-D ResNet-10, basic blocks (1, 1, 1, 1), 512-d: CMD's motion-vector target encoder
     (Huang et al., CVPR 2021: 2-channel (dx, dy) input, "first stride 1").
 
@@ -254,24 +274,7 @@ def r3d_10(in_channels: int = 2, stem_stride: tuple[int, int, int] = (1, 1, 1), 
     8 x 112 x 112 gives T x H: 8x112 -> pool 8x56 -> 8x56 -> 4x28 -> 2x14 -> (512, 1, 7, 7).
     """
     kwargs = {"stem_pool": True, **kwargs}
-    return VideoResNet("basic", (1, 1, 1, 1), "3d", in_channels, stem_stride=stem_stride, **kwargs)
-
-
-VIDEO_BACKBONES: dict[str, Callable[..., VideoResNet]] = {
-    "r2plus1d_10": r2plus1d_10,
-    "r2plus1d_test": r2plus1d_test,
-    "r2plus1d_18": r2plus1d_18,
-    "r2plus1d_26": r2plus1d_26,
-    "r3d_10": r3d_10,
-}
-
-
-def create_video_backbone(name: str, in_channels: int | None = None) -> VideoResNet:
-    """The named video ResNet; ``in_channels`` defaults to the constructor's (3 RGB, 2 for r3d_10)."""
-    if name not in VIDEO_BACKBONES:
-        raise ValueError(f"unknown video backbone '{name}'; choose one of {', '.join(VIDEO_BACKBONES)}")
-    constructor = VIDEO_BACKBONES[name]
-    return constructor() if in_channels is None else constructor(in_channels)
+    return _video_resnet(num_classes, "basic", (1, 1, 1, 1), "3d", in_chans, stem_stride=stem_stride, **kwargs)
 
 
 def cmd_tokens(model: VideoResNet, x: Tensor) -> Tensor:

@@ -42,13 +42,15 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import timm
 import torch
 from torch import Tensor
 
 from lightning_modules.base import VisionZooModule
-from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys, zero_init_residual_
+from lightning_modules.nn.backbones import create_backbone
+from lightning_modules.nn.cmd import EmbeddingHead, IFrameEncoder, MotionPredictor, gathered_info_nce, motion_keys
 from lightning_modules.nn.video_encoder import VideoEncoder
-from lightning_modules.nn.video_resnet import cmd_tokens, create_video_backbone
+from lightning_modules.nn.video_resnet import cmd_tokens
 from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.video_ssl.evaluation import ClipFeaturePredictions
 
@@ -59,7 +61,8 @@ class CMD(ClipFeaturePredictions, VisionZooModule):
     2 encoder and 4 decoder layers, FFN 512, dropout 0.1, heads 2048 → 512, τ 0.1.
     ``source_grid``/``target_grid`` are the token grids the learned positions are made for (the
     paper geometry); other grids use resized positions. ``pretrained``/``weights`` are
-    :class:`VideoEncoder`'s (the video ResNets are trained from scratch)."""
+    :class:`VideoEncoder`'s (the video ResNets have no weights to fetch, only a local file). Both
+    encoders start every residual block as its shortcut (``zero_init_residual``), as the code's."""
 
     method_name = "cmd"
 
@@ -88,12 +91,13 @@ class CMD(ClipFeaturePredictions, VisionZooModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = VideoEncoder(backbone, pretrained, weights)
-        if self.backbone.is_2d:
-            raise ValueError(f"CMD's clip tokens need a video ResNet backbone (r2plus1d_*, r3d_10), not '{backbone}'")
-        self.motion_encoder = create_video_backbone(motion_backbone, in_channels=2)
-        zero_init_residual_(self.backbone)
-        zero_init_residual_(self.motion_encoder)
+        video_resnets = timm.list_models(module="video_resnet")
+        for name in (backbone, motion_backbone):
+            if name not in video_resnets:
+                raise ValueError(f"CMD's clip and motion encoders are video ResNets ({', '.join(video_resnets)}), "
+                                 f"not '{name}'")
+        self.backbone = VideoEncoder(backbone, pretrained, weights, zero_init_residual=True)
+        self.motion_encoder = create_backbone(motion_backbone, False, in_chans=2, zero_init_residual=True)
         self.iframe_encoder = IFrameEncoder()
         features = self.backbone.num_features
         self.clip_context_head = EmbeddingHead(features, head_hidden_dim, embedding_dim)

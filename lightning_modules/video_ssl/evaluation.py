@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.cloud_io import _load as load_checkpoint
 from torch import Tensor, nn
 
 from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.video import RETRIEVAL_KS, ClipTop1, RetrievalRecall, VideoTop1
 from lightning_modules.base import EvaluatedModule, Stage
+from lightning_modules.framework import read_checkpoint
+from lightning_modules.nn.backbones import freeze_
 from lightning_modules.nn.video_encoder import VideoEncoder
 from lightning_modules.recipe import OptimizerRecipe
 
@@ -48,7 +49,7 @@ def load_backbone(encoder: VideoEncoder, checkpoint: str) -> None:
     ``state_dict``; a bare state dict is read as is) into ``encoder``, strictly: every key and
     shape must match, otherwise the error names the checkpoint and lists what differs."""
     # A full Lightning checkpoint (loop and callback states too) of the user's own pretraining run.
-    content = load_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    content = read_checkpoint(checkpoint, weights_only=False)
     state = content.get("state_dict", content) if isinstance(content, dict) else {}
     weights = {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     if not weights:
@@ -135,8 +136,8 @@ class VideoClassifier(EvaluatedModule):
         self.backbone = VideoEncoder(backbone, pretrained, weights)
         if pretrained_checkpoint is not None:
             load_backbone(self.backbone, pretrained_checkpoint)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False).eval()
+        if freeze_backbone:  # in eval mode for good: BatchNorm uses its running statistics, never updates them
+            freeze_(self.backbone)
         width = self.backbone.num_features
         self.head = nn.Sequential(
             nn.BatchNorm1d(width, affine=False) if feature_batchnorm else nn.Identity(),
@@ -147,15 +148,6 @@ class VideoClassifier(EvaluatedModule):
     @property
     def method_name(self) -> str:
         return "linear_probe" if self.hparams.freeze_backbone else "finetune"
-
-    def train(self, mode: bool = True) -> VideoClassifier:
-        """The linear probe keeps the frozen backbone in eval mode (from ``__init__`` on, as
-        Lightning restores the modes it finds): BatchNorm uses its running statistics and never
-        updates them."""
-        super().train(mode)
-        if self.hparams.freeze_backbone:
-            self.backbone.eval()
-        return self
 
     def forward(self, video: Tensor) -> Tensor:
         """Class logits [B, num_classes] of clips [B, 3, T, H, W]."""

@@ -61,10 +61,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.base import VisionZooModule
 from lightning_modules.distributed.comm import all_gather
+from lightning_modules.framework import keep_out_of_ddp
 from lightning_modules.distributed.shuffle_bn import shuffled_batchnorm_forward
 from lightning_modules.nn.contrastive import (
     FeatureQueue, ProjectionHead, info_nce_logits, info_nce_loss, positive_top1, two_way_logits,
@@ -249,7 +249,7 @@ class SeCo(ClipFeaturePredictions, VisionZooModule):
     def configure_model(self) -> None:
         """The queue is written from gathered keys and is the same on every rank: keep it out
         of DDP's per-step buffer broadcast."""
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["queue.queue", "queue.pointer"])
+        keep_out_of_ddp(self, ["queue.queue", "queue.pointer"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["seco_shared_generator"] = self._shared_generator.get_state()

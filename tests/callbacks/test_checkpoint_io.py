@@ -70,3 +70,50 @@ def test_visionzoo_installs_the_atomic_writer_unless_one_is_configured(mini_mvte
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     cli = VisionZooCLI(args=[*args, "--trainer.plugins", "lightning.pytorch.plugins.io.TorchCheckpointIO"], run=False)
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
+
+
+def _sharded_save(io: AtomicCheckpointIO, target, run_dir, step: int, value: float) -> None:
+    """A one-rank checkpoint whose 'head' rows go to a shard file, as the recognizer saves."""
+    from lightning_modules.distributed.sharded_state import SHARDS, write_shards
+
+    descriptor = write_shards({"weight": torch.full((6, 2), value)}, start=0, num_rows=6, run_dir=run_dir, step=step)
+    io.save_checkpoint({"step": step, SHARDS: descriptor}, target)
+
+
+def test_a_sharded_checkpoint_keeps_its_shards_whole_when_the_next_save_fails(tmp_path, monkeypatch):
+    from lightning_modules.distributed.sharded_state import SHARDS, read_rows
+
+    target, io = tmp_path / "checkpoints/last.ckpt", AtomicCheckpointIO()
+    _sharded_save(io, target, tmp_path, step=1, value=1.0)
+    first = io.load_checkpoint(target)
+    assert torch.equal(read_rows(first[SHARDS], 2, 5)["weight"], torch.ones(3, 2))
+
+    real_save = torch.save
+
+    def full_disk_on_the_checkpoint(obj, file, *args, **kwargs):
+        if isinstance(obj, dict) and "step" in obj:
+            raise OSError(28, "No space left on device")
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_on_the_checkpoint)
+    with pytest.raises(OSError, match="No space left"):
+        _sharded_save(io, target, tmp_path, step=2, value=2.0)
+    monkeypatch.undo()
+    kept = io.load_checkpoint(target)
+    assert kept["step"] == 1 and torch.equal(read_rows(kept[SHARDS], 0, 6)["weight"], torch.ones(6, 2))
+
+    _sharded_save(io, target, tmp_path, step=3, value=3.0)
+    latest = io.load_checkpoint(target)
+    assert torch.equal(read_rows(latest[SHARDS], 0, 6)["weight"], torch.full((6, 2), 3.0))
+    assert [p.name for p in target.parent.glob("last.ckpt.shards-*")] == [latest[SHARDS]["folder"].split("/")[-1]]
+    io.remove_checkpoint(target)
+    assert not list(target.parent.iterdir())
+
+
+def test_a_sharded_checkpoint_read_without_its_folder_says_how_to_load_it(tmp_path):
+    from lightning_modules.distributed.sharded_state import SHARDS, read_rows
+
+    target = tmp_path / "last.ckpt"
+    _sharded_save(AtomicCheckpointIO(), target, tmp_path, step=1, value=1.0)
+    with pytest.raises(ValueError, match="shard files beside it: load it through visionzoo"):
+        read_rows(torch.load(target, weights_only=True)[SHARDS], 0, 6)

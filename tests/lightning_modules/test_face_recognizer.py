@@ -1,6 +1,7 @@
 """The margin-softmax recognizer on the mini MS1M set: every ms1m config trains, DDP on two
 CPU processes learns (verification accuracy far above chance), and a checkpoint written by 4
-ranks resumes on 2 and 1 ranks with the same next steps."""
+ranks resumes on 2 and 1 ranks, one written by 1 process on 2, with the same next steps, every
+rank saving and loading only its slice of the class centres and their momentum."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from lightning_modules.cli import VisionZooCLI
+from lightning_modules.distributed.model_parallel_softmax import class_shard
+from lightning_modules.distributed.sharded_state import SHARDS, read_checkpoint
 
 from conftest import CONFIGS
 from runner import free_port, metrics, visionzoo
@@ -65,7 +68,7 @@ def _resume_and_step(rank: int, world_size: int, port: int, checkpoint: str, out
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = read_checkpoint(checkpoint, weights_only=False)
     hyper_parameters = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}  # _class_path
     model = MarginSoftmaxRecognizer(**hyper_parameters, head=CombinedMarginHead(s=16.0))
     model.on_load_checkpoint(state)
@@ -92,30 +95,51 @@ def _resume_and_step(rank: int, world_size: int, port: int, checkpoint: str, out
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_checkpoint_of_4_ranks_resumes_on_2_and_1_with_the_same_next_steps(mini_ms1m, tmp_path):
-    """A fit on 4 DDP ranks writes last.ckpt with the class centres and their momentum whole;
-    loading it on 4, 2 and 1 ranks gives the same next two steps (the second one depends on
-    the resharded momentum)."""
+def _fit_and_check_shards(mini_ms1m: Path, cwd: Path, devices: int) -> Path:
+    """A short fit on ``devices`` DDP ranks; its last.ckpt holds no class centres, and each rank's
+    shard file beside it holds that rank's rows of the centres and of their momentum, no more."""
+    visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--trainer.accelerator", "cpu",
+               "--trainer.strategy", "ddp", "--trainer.devices", str(devices), "--data.init_args.batch_size", "8",
+               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0",
+               cwd=cwd)
+    saved = cwd / "runs/ms1m/arcface/ms1m/checkpoints/last.ckpt"
+    state = read_checkpoint(saved, weights_only=False)
+    assert "softmax.weight" not in state["state_dict"]
+    assert all("momentum_buffer" not in s or s["momentum_buffer"].shape[0] != 64
+               for s in state["optimizer_states"][0]["state"].values())
+    shards = sorted(Path(state[SHARDS]["folder"]).iterdir())
+    assert [p.name for p in shards] == [f"rank{r}-of-{devices}.pt" for r in range(devices)]
+    assert list(saved.parent.glob("last.ckpt.shards-*")) == [Path(state[SHARDS]["folder"])]  # older ones removed
+    for rank, shard in enumerate(shards):
+        content = torch.load(shard, weights_only=True)
+        start, stop = class_shard(64, rank, devices)
+        assert (content["start"], content["stop"]) == (start, stop)
+        assert content["weight"].shape == content["momentum"].shape == (stop - start, 128)
+    return saved
+
+
+def _losses_after_resume(saved: Path, world_size: int, out: str) -> list[float]:
     import torch.multiprocessing as mp
 
-    visionzoo("fit", *_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--trainer.accelerator", "cpu",
-               "--trainer.strategy", "ddp", "--trainer.devices", "4", "--data.init_args.batch_size", "8",
-               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0",
-               cwd=tmp_path)
-    saved = tmp_path / "runs/ms1m/arcface/ms1m/checkpoints/last.ckpt"
-    state = torch.load(saved, map_location="cpu", weights_only=False)
-    assert state["state_dict"]["softmax.weight"].shape == (64, 128)  # whole, not rank 0's shard
-    momentum = [s["momentum_buffer"] for s in state["optimizer_states"][0]["state"].values()]
-    assert any(m.shape == (64, 128) for m in momentum)
+    mp.start_processes(_resume_and_step, args=(world_size, free_port(), str(saved), out), nprocs=world_size, start_method="spawn")
+    per_rank = [[float(v) for v in Path(f"{out}.{r}").read_text().split()] for r in range(world_size)]
+    assert all(p == per_rank[0] for p in per_rank)  # the global loss, the same on every rank
+    return per_rank[0]
 
-    losses = {}
-    for world_size in (4, 2, 1):
-        out = str(tmp_path / f"losses_w{world_size}")
-        mp.start_processes(_resume_and_step, args=(world_size, free_port(), str(saved), out), nprocs=world_size, start_method="spawn")
-        per_rank = [[float(v) for v in Path(f"{out}.{r}").read_text().split()] for r in range(world_size)]
-        assert all(p == per_rank[0] for p in per_rank)  # the global loss, the same on every rank
-        losses[world_size] = per_rank[0]
+
+@pytest.mark.slow
+def test_checkpoint_of_4_ranks_resumes_on_2_and_1_with_the_same_next_steps(mini_ms1m, tmp_path):
+    """Loading on 4, 2 and 1 ranks gives the same next two steps (the second one depends on the
+    resharded momentum)."""
+    saved = _fit_and_check_shards(mini_ms1m, tmp_path, devices=4)
+    losses = {w: _losses_after_resume(saved, w, str(tmp_path / f"losses_w{w}")) for w in (4, 2, 1)}
     assert losses[4][0] != losses[4][1]  # the step changed the model
     for world_size in (2, 1):
         assert losses[world_size] == pytest.approx(losses[4], rel=1e-5), losses
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_on_2_ranks_with_the_same_next_steps(mini_ms1m, tmp_path):
+    saved = _fit_and_check_shards(mini_ms1m, tmp_path, devices=1)
+    losses = {w: _losses_after_resume(saved, w, str(tmp_path / f"losses_w{w}")) for w in (1, 2)}
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5), losses

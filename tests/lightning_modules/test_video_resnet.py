@@ -2,14 +2,14 @@
 112 px), CMD's even/odd token split, gradients, and the factory's error."""
 
 import pytest
+import timm
 import torch
 
+from lightning_modules.nn.backbones import create_backbone
 from lightning_modules.nn.video_resnet import (
-    VIDEO_BACKBONES,
     Conv2Plus1d,
     VideoResNet,
     cmd_tokens,
-    create_video_backbone,
     midplanes,
     r2plus1d_26,
     r3d_10,
@@ -42,10 +42,10 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(VIDEO_BACKBONES))
+@pytest.mark.parametrize("name", timm.list_models(module="video_resnet"))
 def test_named_backbone_shapes(name):
     channels, layer4 = SMALL[name]
-    model = create_video_backbone(name).eval()
+    model = timm.create_model(name).eval()
     x = torch.randn(1, channels, 8, 64, 64)
     with torch.no_grad():
         features, pooled = model.forward_features(x), model(x)
@@ -55,11 +55,15 @@ def test_named_backbone_shapes(name):
     assert torch.allclose(pooled, features.mean(dim=(2, 3, 4)))
 
 
-def test_factory_in_channels_and_unknown_name():
-    assert create_video_backbone("r2plus1d_10", in_channels=2).stem[0].in_channels == 2
-    assert create_video_backbone("r3d_10").stem[0].in_channels == 2
-    with pytest.raises(ValueError, match="r2plus1d_26.*r3d_10"):
-        create_video_backbone("r2plus1d_50")
+def test_factory_in_channels_zero_init_and_unknown_name():
+    assert create_backbone("r2plus1d_10", False, in_chans=2).stem[0].in_channels == 2
+    assert create_backbone("r3d_10", False).stem[0].in_channels == 2
+    zero = create_backbone("r2plus1d_test", False, zero_init_residual=True)
+    assert all(torch.all(block.residual[-1].weight == 0) for layer in (zero.layer1, zero.layer4) for block in layer)
+    with pytest.raises(ValueError, match="no classifier"):
+        create_backbone("r2plus1d_10", False, num_classes=10)
+    with pytest.raises(ValueError, match="unknown timm backbone 'r2plus1d_50'; similar names: .*r2plus1d_10"):
+        create_backbone("r2plus1d_50", False)
 
 
 def test_cmd_shapes_and_tokens_even_odd_split():

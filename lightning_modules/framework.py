@@ -1,0 +1,140 @@
+"""Every place where visionzoo reaches into Lightning, torchdata or torch internals.
+
+Checked against lightning 2.6.6, torchdata 0.11.0 and torch 2.14.1, the versions
+``pyproject.toml`` pins; ``tests/test_framework_internals.py`` fails when one of the internals
+below changes. Callers use the functions here, never the internals themselves. What each
+concern touches:
+
+- **DDP's ignore list** (:func:`keep_out_of_ddp`): torch's
+  ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``, which Lightning's DDP
+  strategy honours, for parameters each rank owns (model-parallel class centres, Search-Softmax
+  workers) and buffers that are equal on every rank by construction (queues).
+- **The fit loop** (:func:`build_train_loader`, :func:`is_last_batch`, :func:`logged_step`):
+  ``fit_loop.setup_data()``, ``fit_loop.epoch_loop.batch_progress.is_last_batch`` and
+  ``fit_loop.epoch_loop._batches_that_stepped`` (the ``step`` Lightning's loggers write).
+- **The data-position restore** (:func:`restore_train_position`): the fit loop's
+  ``_combined_loader``, ``_data_fetcher`` and ``_combined_loader_states_to_load``; fabric's
+  ``_set_sampler_epoch``; torchdata ``StatefulDataLoader`` state keys ``_snapshot`` →
+  ``_main_snapshot`` → ``_sampler_iter_yielded``.
+- **The CSV logger** (:class:`AppendingCSVLogger`): ``CSVLogger._experiment`` and ``_fs``,
+  ``ExperimentWriter._check_log_dir_exists`` and ``metrics_keys``.
+- **Checkpoint files** (:func:`read_checkpoint`, :func:`is_local_path`): fabric's
+  ``cloud_io._load`` (local or fsspec URL) and ``_is_local_file_protocol``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from lightning import LightningModule, Trainer
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, _load
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+# ------------------------------------------------------------------------------------- DDP
+
+
+def keep_out_of_ddp(module: LightningModule, names: Sequence[str]) -> None:
+    """Parameters and buffers of ``module`` (by ``named_parameters``/``named_buffers`` name) that
+    DDP neither all-reduces nor broadcasts. Call it from ``configure_model``."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+
+
+# -------------------------------------------------------------------------------- fit loop
+
+
+def build_train_loader(trainer: Trainer) -> None:
+    """Build ``trainer.train_dataloader`` now (from ``configure_optimizers``), as
+    ``estimated_stepping_batches`` does, also when ``max_epochs`` is -1."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+
+
+def is_last_batch(trainer: Trainer) -> bool:
+    """Whether the training batch being processed is its epoch's last."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+def logged_step(trainer: Trainer) -> int:
+    """The ``step`` that Lightning's loggers write for rows logged now."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+# ---------------------------------------------------------------------- data-position restore
+
+
+def restore_train_position(trainer: Trainer, states: list[dict[str, Any]], epoch: int) -> None:
+    """Restart the train loaders at the checkpoint's positions ``states`` (the fit loop's
+    ``combined_loader`` state), with epoch ``epoch``'s order.
+
+    Lightning's own restore of a ``StatefulDataLoader`` misses three cases: it drops the position
+    when the loader was built before the checkpoint was read (a ``configure_optimizers`` that asks
+    for ``trainer.estimated_stepping_batches``); it replays the position with the sampler still at
+    epoch 0 (a ``DistributedSampler`` is set to the resumed epoch only afterwards); and a position
+    at the end of an epoch leaves the next epoch without batches. Here the iterator is rebuilt
+    from the saved position after setting the sampler's epoch; a position that used up its epoch
+    is restored (workers and their augmentation RNGs) and then moved on to the next epoch, as an
+    uninterrupted run's persistent workers would be. Call it from ``on_train_start``.
+    """
+    fit_loop = trainer.fit_loop
+    if not states or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
+        return
+    loaders = [loader for loader in fit_loop._combined_loader.flattened if isinstance(loader, StatefulDataLoader)]
+    if len(loaders) != len(states):
+        rank_zero_warn(f"the checkpoint has {len(states)} train loader states for {len(loaders)} loaders: not restored")
+        return
+    for loader, state in zip(loaders, states):
+        main = state.get("_snapshot", {}).get("_main_snapshot", state)  # with workers / without
+        _set_sampler_epoch(loader, epoch)
+        loader.load_state_dict(state)
+        if main["_sampler_iter_yielded"] >= len(loader):
+            iter(loader)  # the saved position: its workers, their RNGs, nothing left to yield
+            _set_sampler_epoch(loader, epoch + 1)
+    fit_loop._combined_loader_states_to_load = []
+    iter(fit_loop._data_fetcher)  # the next epoch of a used-up position, as workers continue it
+
+
+# ------------------------------------------------------------------------------ CSV logger
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv``: its header seeds the known columns, new rows are
+    appended, and new columns rewrite the file with the union of the columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, appending to an existing ``metrics.csv`` (Lightning's deletes it)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+# ------------------------------------------------------------------------- checkpoint files
+
+
+def read_checkpoint(path: str, weights_only: bool) -> Any:
+    """A checkpoint file read to the CPU, from a local path or an fsspec URL (``s3://`` ...)."""
+    return _load(path, map_location="cpu", weights_only=weights_only)
+
+
+def is_local_path(path: Any) -> bool:
+    """Whether ``path`` is on the local file system (not an fsspec URL)."""
+    return _is_local_file_protocol(path)
