@@ -5,7 +5,6 @@
 ``<root>/<category>/ground_truth/<defect>/<stem>_mask.png`` (0/255). See benchmarks.md §5.
 """
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,11 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import EvalSet, VisionZooDataModule
+from datamodules.corrupt import CorruptSamples
 from datamodules.formats.images import CorruptFileError, read_image, read_mask, read_size
 from datamodules.layout import layout_error
 from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
 
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
@@ -119,7 +118,7 @@ class MVTecDataModule(VisionZooDataModule):
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
-        self._skipped: dict[str, int] = {}
+        self.corrupt = CorruptSamples(skip_corrupt, "MVTec sample")
 
     @property
     def run_name(self) -> str:
@@ -128,7 +127,7 @@ class MVTecDataModule(VisionZooDataModule):
     @property
     def num_skipped(self) -> int:
         """Corrupt samples dropped by ``setup`` (``skip_corrupt=True``), over all splits set up."""
-        return sum(self._skipped.values())
+        return self.corrupt.count
 
     def describe(self) -> dict[str, Any]:
         """What the results writer records about the evaluated data."""
@@ -204,11 +203,12 @@ class MVTecDataModule(VisionZooDataModule):
         """Drop corrupt samples if asked, and check that masks at original size can be batched."""
         if self.skip_corrupt:
             with ThreadPoolExecutor(max_workers=4) as pool:
-                sizes = list(pool.map(self._decoded_size, samples))
+                decoded = list(pool.map(self._decoded_size, samples))
+            for result in decoded:
+                if isinstance(result, CorruptFileError):
+                    self.corrupt.skip(result, f"left out of the {split} split of {self.category}")
+            sizes = [None if isinstance(result, CorruptFileError) else result for result in decoded]
             kept = [s for s, size in zip(samples, sizes) if size is not None]
-            self._skipped[split] = len(samples) - len(kept)
-            if self._skipped[split]:
-                log.warning("skipped %d corrupt %s samples of %s", self._skipped[split], split, self.category)
         else:
             # Header sizes only; a corrupt file raises CorruptFileError when it is loaded.
             sizes = [self._header_size(s) for s in samples]
@@ -218,15 +218,14 @@ class MVTecDataModule(VisionZooDataModule):
         return kept
 
     @staticmethod
-    def _decoded_size(sample: Sample) -> Optional[tuple[int, int]]:
-        """Decode image and mask; their (height, width), or None (logged) if one is corrupt."""
+    def _decoded_size(sample: Sample) -> tuple[int, int] | CorruptFileError:
+        """Decode image and mask; their (height, width), or the error if one is corrupt."""
         try:
             shape = read_image(sample.image).shape[:2]
             if sample.mask:
                 read_mask(sample.mask)
         except CorruptFileError as error:
-            log.warning("skipping corrupt sample: %s", error)
-            return None
+            return error
         return shape
 
     @staticmethod

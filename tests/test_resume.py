@@ -27,7 +27,7 @@ def _config(tmp_path: Path, mini_ms1m: Path, interruption: tuple[str, int] | Non
         callbacks.append({"class_path": "tests.fault_injection.SignalAtStep",
                           "init_args": {"global_step": step, "signal_name": signal_name}})
     overrides = {
-        "model": {"init_args": {"sample_rate": 0.5, "dropout": 0.2}},
+        "model": {"init_args": {"softmax_options": {"sample_rate": 0.5}, "dropout": 0.2}},
         "data": {"init_args": {"root": str(mini_ms1m), "batch_size": 64, "num_workers": 2}},
         "trainer": {"max_epochs": 2, "deterministic": True, "check_val_every_n_epoch": 1,
                     "log_every_n_steps": 1, "callbacks": callbacks},

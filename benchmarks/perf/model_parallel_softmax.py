@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
+from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax, SoftmaxOptions
 from lightning_modules.nn.margins import CombinedMarginHead
 
 
@@ -151,10 +151,9 @@ def _plain_step_fn(classes: int, batch: int, dim: int, precision: str, device: t
 
 
 def _model_parallel_step_fn(classes: int, batch: int, dim: int, case: dict, device: torch.device):
-    softmax = ModelParallelSoftmax(
-        classes, dim, CombinedMarginHead(), sample_rate=case["sample_rate"], chunk_classes=case["chunk_classes"],
-        compile_chunks=case["compile_chunks"],
-    ).to(device)
+    options = SoftmaxOptions(sample_rate=case["sample_rate"], chunk_classes=case["chunk_classes"],
+                             compile_chunks=case["compile_chunks"])
+    softmax = ModelParallelSoftmax(classes, dim, CombinedMarginHead(), options).to(device)
     optimizer = torch.optim.SGD(softmax.parameters(), lr=0.1, momentum=0.9, fused=True)
     generator = torch.Generator(device=device).manual_seed(dist.get_rank() if dist.is_initialized() else 0)
     embeddings = torch.randn(batch, dim, device=device, generator=generator, requires_grad=True)

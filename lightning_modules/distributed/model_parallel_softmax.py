@@ -15,6 +15,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -232,6 +233,29 @@ class _ShardSoftmaxTerms(torch.autograd.Function):
         return grad_features, grad_centres, None, None, None, None, None, None, None
 
 
+@dataclass(frozen=True)
+class SoftmaxOptions:
+    """How :class:`ModelParallelSoftmax` selects its classes in training and computes its
+    logits: ``sample_rate`` < 1 (Partial FC) or ``knn_neighbours`` > 0 (KNN softmax), at most
+    one of them; ``chunk_classes`` classes of a shard at a time; ``compile_chunks`` to fuse each
+    chunk's element-wise work with ``torch.compile`` (see the class docstring)."""
+
+    sample_rate: float = 1.0
+    knn_neighbours: int = 0
+    chunk_classes: int = 65536
+    compile_chunks: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.knn_neighbours < 0:
+            raise ValueError(f"knn_neighbours must be >= 0, got {self.knn_neighbours}")
+        if self.knn_neighbours and self.sample_rate < 1.0:
+            raise ValueError("choose one class selection: sample_rate < 1 or knn_neighbours > 0")
+        if self.chunk_classes < 1:
+            raise ValueError(f"chunk_classes must be >= 1, got {self.chunk_classes}")
+
+
 class ModelParallelSoftmax(nn.Module):
     """Softmax loss with a margin head over class centres sharded across ranks.
 
@@ -273,41 +297,20 @@ until its CUDA test has passed on a GPU),
     """
 
     def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        head: MarginHead,
-        *,
-        sample_rate: float = 1.0,
-        knn_neighbours: int = 0,
-        seed: int = 0,
-        chunk_classes: int = 65536,
-        compile_chunks: bool = False,
+        self, num_classes: int, embedding_size: int, head: MarginHead, options: SoftmaxOptions = SoftmaxOptions(),
+        *, seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if knn_neighbours < 0:
-            raise ValueError(f"knn_neighbours must be >= 0, got {knn_neighbours}")
-        if knn_neighbours and sample_rate < 1.0:
-            raise ValueError("choose one class selection: sample_rate < 1 or knn_neighbours > 0")
-        if chunk_classes < 1:
-            raise ValueError(f"chunk_classes must be >= 1, got {chunk_classes}")
         rank, world_size = world_info()
         self.num_classes = num_classes
         self.start, self.end = class_shard(num_classes, rank, world_size)
-        self.sample_rate = sample_rate
-        self.knn_neighbours = knn_neighbours
-        self.chunk_classes = chunk_classes
-        self.compile_chunks = compile_chunks
+        self.options = options
         self.head = head
         self.weight = nn.Parameter(_initial_centres(num_classes, self.start, self.end, embedding_size, seed))
 
     def extra_repr(self) -> str:
         return (
-            f"classes [{self.start}, {self.end}) of {self.num_classes}, sample_rate={self.sample_rate}, "
-            f"knn_neighbours={self.knn_neighbours}, "
-            f"chunk_classes={self.chunk_classes}, compile_chunks={self.compile_chunks}"
+            f"classes [{self.start}, {self.end}) of {self.num_classes}, {self.options}"
         )
 
     def model_parallel_parameter_names(self) -> list[str]:
@@ -320,10 +323,10 @@ until its CUDA test has passed on a GPU),
         local_count = self.end - self.start
         owned = (labels >= self.start) & (labels < self.end)
         positives = torch.unique(labels[owned] - self.start)
-        if self.knn_neighbours:
+        if self.options.knn_neighbours:
             return self._nearest_classes(labels, positives)
-        if self.sample_rate < 1.0:
-            count = max(math.ceil(self.sample_rate * local_count), positives.numel())
+        if self.options.sample_rate < 1.0:
+            count = max(math.ceil(self.options.sample_rate * local_count), positives.numel())
             score = torch.rand(local_count, device=labels.device)
             score[positives] = 2.0
             return score.topk(count).indices.sort().values
@@ -345,15 +348,15 @@ until its CUDA test has passed on a GPU),
             cos = _cosines(centres, self.weight[start:end], inverse_norms[start:end])
             return cos.masked_fill(_is_target(own_columns - start, end - start), -math.inf)
 
-        k = self.knn_neighbours
+        k = self.options.knn_neighbours
         local_top = centres.new_full((classes.numel(), k), -math.inf)
-        for start, end in _chunks(self.end - self.start, self.chunk_classes):
+        for start, end in _chunks(self.end - self.start, self.options.chunk_classes):
             local_top = torch.cat([local_top, similarity(start, end)], dim=1).topk(k, dim=1).values
         _, world_size = world_info()
         candidates = all_gather(local_top).view(world_size, -1, k).transpose(0, 1).reshape(classes.numel(), -1)
         kth = candidates.topk(k, dim=1).values[:, -1]
         active = torch.zeros(self.end - self.start, dtype=torch.bool, device=labels.device)
-        for start, end in _chunks(self.end - self.start, self.chunk_classes):
+        for start, end in _chunks(self.end - self.start, self.options.chunk_classes):
             active[start:end] = (similarity(start, end) >= kth[:, None]).any(0)
         active[positives] = True
         return active.nonzero().squeeze(1)
@@ -366,7 +369,7 @@ until its CUDA test has passed on a GPU),
         """A head's per-sample statistic summed over the negative classes of every shard."""
         no_classes = features.new_zeros(features.shape[0], 0)
         total = statistic(no_classes, no_classes.bool())  # zeros of the statistic's shape
-        for start, end in _chunks(centres.shape[0], self.chunk_classes):
+        for start, end in _chunks(centres.shape[0], self.options.chunk_classes):
             cos = _cosines(features, centres[start:end], inverse_norms[start:end])
             total = total + statistic(cos, ~_is_target(target_columns - start, end - start))
         return all_reduce_sum(total)
@@ -379,7 +382,7 @@ until its CUDA test has passed on a GPU),
         features = F.normalize(all_gather_with_grad(embeddings), dim=1)
         labels = all_gather(labels)
         centres, column = self.weight, labels - self.start
-        if self.training and (self.sample_rate < 1.0 or self.knn_neighbours):
+        if self.training and (self.options.sample_rate < 1.0 or self.options.knn_neighbours):
             active = self.active_classes(labels)
             centres = centres[active]
             column = torch.searchsorted(active, column)
@@ -395,8 +398,8 @@ until its CUDA test has passed on a GPU),
         )
         state = self.head.row_state(cos_y, sum_over_negatives)
         own_cos, negatives = _ShardSoftmaxTerms.apply(
-            features, centres, inverse_norms, target_columns, own_cos, self.head, state, self.chunk_classes,
-            _chunk_steps(self.compile_chunks),
+            features, centres, inverse_norms, target_columns, own_cos, self.head, state, self.options.chunk_classes,
+            _chunk_steps(self.options.compile_chunks),
         )
         target_logit = self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state)
         # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
@@ -429,3 +432,7 @@ def gather_full_weight(local: Tensor) -> Tensor:
     padded[: local.shape[0]] = local
     parts = all_gather(padded).split(max(sizes))
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+# Checkpoints keep the options in their hyperparameters and are read with weights_only=True.
+torch.serialization.add_safe_globals([SoftmaxOptions])

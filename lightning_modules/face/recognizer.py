@@ -8,10 +8,12 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
    centres into logits: the margin acts on the target class only.
 3. The centres live in :class:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax`:
    each rank owns a contiguous slice, embeddings are all-gathered, and the loss equals the
-   single-device softmax. Logits are computed ``chunk_classes`` classes at a time, so that a
-   rank's temporaries are (global batch × chunk_classes), whatever its share of the classes,
-   and the element-wise work of each chunk can be fused by ``torch.compile`` (``compile_chunks``,
-   opt-in until its CUDA test has run on a GPU).
+   single-device softmax. Logits are computed ``softmax_options.chunk_classes`` classes at a
+   time, so that a rank's temporaries are (global batch × chunk_classes), whatever its share of
+   the classes, and the element-wise work of each chunk can be fused by ``torch.compile``
+   (``softmax_options.compile_chunks``, opt-in until its CUDA test has run on a GPU); Partial FC
+   (``softmax_options.sample_rate``) and KNN softmax (``softmax_options.knn_neighbours``) select
+   the training classes (:class:`~lightning_modules.distributed.model_parallel_softmax.SoftmaxOptions`).
    The centres are kept out of DDP's gradient all-reduce; a checkpoint keeps them, and their
    momentum, in one file per rank beside it, so that no rank ever holds the whole head and the
    checkpoint resumes on any number of ranks (:mod:`~lightning_modules.distributed.sharded_state`).
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
+from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax, SoftmaxOptions
 from lightning_modules.distributed.sharded_state import SHARDS, read_rows, write_shards
 from lightning_modules.face.base import FaceRecognitionModule
 from lightning_modules.framework import keep_out_of_ddp
@@ -56,10 +58,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         dropout: float = 0.0,
         pretrained: bool = False,
         weights: str | None = None,
-        sample_rate: float = 1.0,
-        knn_neighbours: int = 0,
-        chunk_classes: int = 65536,
-        compile_chunks: bool = False,
+        softmax_options: SoftmaxOptions = SoftmaxOptions(),
         optim: OptimizerRecipe = OptimizerRecipe(
             lr=0.1, weight_decay=5e-4, decay_norm_and_bias=False, schedule="polynomial", warmup_epochs=2.0
         ),
@@ -67,6 +66,8 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
+        # A dict where the hyperparameters come back from a config or a checkpoint.
+        self.softmax_options = softmax_options if isinstance(softmax_options, SoftmaxOptions) else SoftmaxOptions(**softmax_options)
         self.head = head if head is not None else CombinedMarginHead()
         self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
         self.softmax: ModelParallelSoftmax | None = None  # built in configure_model: needs the process group
@@ -80,10 +81,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         if self.softmax is not None:
             return
         hp = self.hparams
-        self.softmax = ModelParallelSoftmax(
-            hp.num_classes, hp.embedding_size, self.head, sample_rate=hp.sample_rate, knn_neighbours=hp.knn_neighbours,
-            seed=hp.seed, chunk_classes=hp.chunk_classes, compile_chunks=hp.compile_chunks,
-        )
+        self.softmax = ModelParallelSoftmax(hp.num_classes, hp.embedding_size, self.head, self.softmax_options, seed=hp.seed)
         ignored = [f"softmax.{name}" for name in self.softmax.model_parallel_parameter_names()]
         ignored += [f"softmax.head.{name}" for name, _ in self.head.named_buffers()]
         keep_out_of_ddp(self, ignored)

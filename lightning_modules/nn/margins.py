@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,15 @@ class CombinedMarginHead(MarginHead):
         return self.scale * margin_cos(cos_y, self.m1, self.m2, self.m3)
 
 
+class HardNegativeState(NamedTuple):
+    """Per-sample state of the heads that treat hard negatives apart: ``threshold`` [N], the
+    cosine above which a negative is hard (cos(θ_y + m)), and ``value``: CurricularFace's t (a
+    scalar), NPCFace's target margin m' [N]."""
+
+    threshold: Tensor
+    value: Tensor
+
+
 class CurricularFaceHead(MarginHead):
     """CurricularFace (Huang et al., CVPR 2020, arXiv 2004.00288).
 
@@ -146,18 +155,18 @@ class CurricularFaceHead(MarginHead):
         self.register_buffer("t", torch.zeros(()))
 
     @torch.no_grad()
-    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> tuple[Tensor, Tensor]:
-        """(hardness threshold cos(θ_y + m) [N], t), t updated first in training."""
+    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> HardNegativeState:
+        """The hardness threshold cos(θ_y + m) [N] and t, t updated first in training."""
         if self.training:
             self.t.mul_(0.99).add_(0.01 * cos_y.mean())
-        return torch.cos(_angle(cos_y) + self.m), self.t.clone()
+        return HardNegativeState(threshold=torch.cos(_angle(cos_y) + self.m), value=self.t.clone())
 
-    def target_logit(self, cos_y: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
+    def target_logit(self, cos_y: Tensor, state: HardNegativeState) -> Tensor:
         return self.scale * margin_cos(cos_y, 1.0, self.m, 0.0)
 
-    def negative_logits(self, cos: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
-        threshold, t = state
-        return self.scale * torch.where(cos > threshold[:, None], cos * (t + cos), cos)
+    def negative_logits(self, cos: Tensor, state: HardNegativeState) -> Tensor:
+        t = state.value
+        return self.scale * torch.where(cos > state.threshold[:, None], cos * (t + cos), cos)
 
 
 class NPCFaceHead(MarginHead):
@@ -178,8 +187,8 @@ class NPCFaceHead(MarginHead):
         self.m, self.m0, self.m1, self.t, self.a = m, m0, m1, t, a
 
     @torch.no_grad()
-    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> tuple[Tensor, Tensor]:
-        """(hardness threshold cos(θ_y + m) [N], margin m' [N])."""
+    def row_state(self, cos_y: Tensor, sum_over_negatives: SumOverNegatives) -> HardNegativeState:
+        """The hardness threshold cos(θ_y + m) [N] and the margin m' [N]."""
         threshold = torch.cos(_angle(cos_y) + self.m)
 
         def hard_count_and_sum(cos: Tensor, negative: Tensor) -> Tensor:
@@ -187,15 +196,14 @@ class NPCFaceHead(MarginHead):
             return torch.stack([hard.sum(1).to(cos.dtype), torch.where(hard, cos, 0.0).sum(1)], dim=1)
 
         count, total = sum_over_negatives(hard_count_and_sum).unbind(1)
-        return threshold, self.m0 + self.m1 * total / count.clamp_min(1.0)
+        return HardNegativeState(threshold=threshold, value=self.m0 + self.m1 * total / count.clamp_min(1.0))
 
-    def target_logit(self, cos_y: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
-        _, margin = state
+    def target_logit(self, cos_y: Tensor, state: HardNegativeState) -> Tensor:
+        margin = state.value
         return self.scale * torch.where(cos_y > 0, torch.cos(_angle(cos_y) + margin), cos_y)
 
-    def negative_logits(self, cos: Tensor, state: tuple[Tensor, Tensor]) -> Tensor:
-        threshold, _ = state
-        return self.scale * torch.where(cos > threshold[:, None], self.t * cos + self.a, cos)
+    def negative_logits(self, cos: Tensor, state: HardNegativeState) -> Tensor:
+        return self.scale * torch.where(cos > state.threshold[:, None], self.t * cos + self.a, cos)
 
 
 class SearchSoftmaxHead(SoftmaxHead):

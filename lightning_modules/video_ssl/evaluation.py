@@ -79,6 +79,15 @@ def load_backbone(encoder: VideoEncoder, checkpoint: str) -> None:
     encoder.load_state_dict(weights)
 
 
+def pretrained_encoder(name: str, pretrained: bool, weights: str | None, checkpoint: str | None) -> VideoEncoder:
+    """A protocol's clip encoder: ``VideoEncoder(name, pretrained, weights)``, then the
+    ``backbone.*`` weights of the pretraining run's ``checkpoint`` where one is given."""
+    encoder = VideoEncoder(name, pretrained, weights)
+    if checkpoint is not None:
+        load_backbone(encoder, checkpoint)
+    return encoder
+
+
 class ClipFeaturePredictions:
     """``visionzoo predict`` of a clip encoder (the ``forward`` of every video method but the
     classifier): the pooled backbone feature of each clip, ``features`` [B, D]."""
@@ -133,9 +142,7 @@ class VideoClassifier(EvaluatedModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = VideoEncoder(backbone, pretrained, weights)
-        if pretrained_checkpoint is not None:
-            load_backbone(self.backbone, pretrained_checkpoint)
+        self.backbone = pretrained_encoder(backbone, pretrained, weights, pretrained_checkpoint)
         if freeze_backbone:  # in eval mode for good: BatchNorm uses its running statistics, never updates them
             freeze_(self.backbone)
         width = self.backbone.num_features
@@ -210,9 +217,7 @@ class ClipRetrieval(ClipFeaturePredictions, EvaluatedModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = VideoEncoder(backbone, pretrained, weights)
-        if pretrained_checkpoint is not None:
-            load_backbone(self.backbone, pretrained_checkpoint)
+        self.backbone = pretrained_encoder(backbone, pretrained, weights, pretrained_checkpoint)
 
     def forward(self, video: Tensor) -> Tensor:
         """Pooled backbone features [B, D] of clips [B, 3, T, H, W]."""

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from lightning_modules.distributed.comm import all_gather_with_grad, world_info
 from lightning_modules.distributed.model_parallel_softmax import (
     ModelParallelSoftmax,
+    SoftmaxOptions,
     _cosines,
     _inverse_norms,
     class_shard,
@@ -91,7 +92,7 @@ def _run_sharded(problem: dict[str, Tensor], head: MarginHead, train: bool, **op
     """One forward/backward on this rank; backbone gradients averaged as DDP does."""
     rank, world_size = world_info()
     backbone = _backbone(problem)
-    model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, **options).double().train(train)
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, SoftmaxOptions(**options)).double().train(train)
     selection = {key: value for key, value in options.items() if key != "chunk_classes"}
     start, end = class_shard(NUM_CLASSES, rank, world_size)
     with torch.no_grad():
@@ -352,7 +353,7 @@ def test_only_the_centres_gradient_is_allocated_whole(name):
     chunk = 4
     small = max(BATCH * chunk, BATCH * DIM, NUM_CLASSES)
     assert BATCH * NUM_CLASSES > NUM_CLASSES * DIM > small
-    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), chunk_classes=chunk).double()
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), SoftmaxOptions(chunk_classes=chunk)).double()
     embeddings = _backbone(problem)(problem["x"]).detach().requires_grad_()
     with _LargeAllocations(min_numel=small) as allocations:
         model(embeddings, problem["labels"]).backward()
@@ -364,7 +365,7 @@ def _step_with_compiled_chunks(
 ) -> tuple[Tensor, ...]:
     """Loss, embedding gradient and centres' gradient of one training step in chunks of 4,
     on ``device`` in ``dtype``, returned on the CPU in float64."""
-    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), chunk_classes=4, compile_chunks=compiled)
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, HEADS[name](), SoftmaxOptions(chunk_classes=4, compile_chunks=compiled))
     model = model.to(device, dtype)
     with torch.no_grad():
         model.weight.copy_(problem["weight"])
@@ -425,7 +426,7 @@ def test_chunked_backward_recomputes_the_logits_under_the_forward_autocast(compi
         x = embeddings.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if chunk:
-                model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, chunk_classes=chunk, compile_chunks=compiled)
+                model = ModelParallelSoftmax(NUM_CLASSES, DIM, head, SoftmaxOptions(chunk_classes=chunk, compile_chunks=compiled))
                 model.weight = nn.Parameter(weight)
                 loss = model(x, labels)
             else:
@@ -513,4 +514,4 @@ def test_search_softmax_loss_matches_formula_and_stays_finite_when_p_underflows(
 )
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
-        ModelParallelSoftmax(NUM_CLASSES, DIM, SoftmaxHead(), **options)
+        SoftmaxOptions(**options)
