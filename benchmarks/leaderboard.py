@@ -69,10 +69,12 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
             by_method[entry["method"]].append(entry)
         for method, runs in sorted(by_method.items()):
             for run in sorted(runs, key=run_label):
-                rows.append([method, run_label(run), *(_cell(run["metrics"].get(n)) for n in names), "visionzoo"])
-            if len(runs) > 1:
-                means = [[r["metrics"][n] for r in runs if n in r["metrics"]] for n in names]
-                rows.append([method, f"mean of {len(runs)}", *(_cell(sum(v) / len(v)) if v else "" for v in means), "visionzoo"])
+                label = run_label(run) + (" (untrained)" if run.get("untrained") else "")
+                rows.append([method, label, *(_cell(run["metrics"].get(n)) for n in names), "visionzoo"])
+            trained = [run for run in runs if not run.get("untrained")]  # untrained baselines are not results
+            if len(trained) > 1:
+                means = [[r["metrics"][n] for r in trained if n in r["metrics"]] for n in names]
+                rows.append([method, f"mean of {len(trained)}", *(_cell(sum(v) / len(v)) if v else "" for v in means), "visionzoo"])
             if method in papers:
                 reported = papers[method]["metrics"]
                 rows.append([method, "paper", *(f"{reported[n]:.2f}" if n in reported else "" for n in names), "paper (see note)"])

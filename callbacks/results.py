@@ -43,7 +43,8 @@ def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
 class ResultsWriter(Callback):
     """Writes ``<run dir>/results.json`` at the end of ``test``: benchmark, method, dataset
     description (root, split, selectors), every logged ``test/`` metric, the number of corrupt
-    samples skipped, checkpoint, the full config, git revision, versions and time. Read by
+    samples skipped, checkpoint (``untrained`` when a trained method was tested with
+    ``--ckpt_path none``), the full config, git revision, versions and time. Read by
     ``benchmarks.leaderboard``. The DataModule and the method are visionzoo's
     (``datamodules.base.VisionZooDataModule``, ``lightning_modules.base.VisionZooModule``)."""
 
@@ -65,6 +66,8 @@ class ResultsWriter(Callback):
             "metrics": metrics,
             "skipped_corrupt": datamodule.num_skipped,
             "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
+            # A trained method evaluated without a checkpoint (--ckpt_path none): a baseline, not a result.
+            "untrained": not trainer.ckpt_path and "optim" in pl_module.hparams,
             "config": self.config,
             "git_revision": git_revision(Path(__file__).resolve().parent),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

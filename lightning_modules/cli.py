@@ -83,14 +83,56 @@ class VisionZooCLI(LightningCLI):
                                 f"runs subclasses of {base.__module__}.{base.__name__}, which name the run directory")
         return RUNS_ROOT / self.datamodule.benchmark / self.model.method_name / (run_name or self.datamodule.run_name)
 
+    def _newest_checkpoint(self) -> Path | None:
+        """The newest checkpoint of the run directory: ``last.ckpt`` or an ``hpc_ckpt_<n>.ckpt``
+        written on SIGUSR1 (:mod:`callbacks.preemption`)."""
+        run_dir = Path(self.trainer.default_root_dir)
+        candidates = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+        return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
     def before_fit(self) -> None:
-        """``--ckpt_path last`` picks the newest checkpoint of the run directory: ``last.ckpt``
-        or an ``hpc_ckpt_<n>.ckpt`` written on SIGUSR1 (:mod:`callbacks.preemption`)."""
+        """``--ckpt_path last`` resumes from the run directory's newest checkpoint, or starts
+        afresh when it has none."""
         kwargs = self.config_init["fit"]
         if kwargs.get("ckpt_path") == "last":
-            run_dir = Path(self.trainer.default_root_dir)
-            candidates = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-            kwargs["ckpt_path"] = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+            newest = self._newest_checkpoint()
+            kwargs["ckpt_path"] = str(newest) if newest else None
+
+    def _evaluated_checkpoint(self, subcommand: str) -> None:
+        """The weights ``validate``, ``test`` and ``predict`` evaluate: ``--ckpt_path last`` (the
+        run directory's newest checkpoint; an error naming the directory when it has none), a
+        path, or ``--ckpt_path none`` for the untrained model of a trained method (marked
+        ``untrained`` in ``results.json``). A trained method without ``--ckpt_path`` is an error:
+        random weights are never evaluated silently. Methods not trained by visionzoo (clip
+        retrieval of a pretraining checkpoint) need none."""
+        kwargs = self.config_init[subcommand]
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path == "last":
+            newest = self._newest_checkpoint()
+            if newest is None:
+                run_dir = Path(self.trainer.default_root_dir)
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no checkpoint in the run directory {run_dir} (searched "
+                    f"{run_dir / 'checkpoints'}/last*.ckpt and {run_dir}/hpc_ckpt_*.ckpt). Train it first "
+                    "(visionzoo fit with the same config and run name), give a checkpoint path, or pass "
+                    "--ckpt_path none to evaluate the untrained model")
+            kwargs["ckpt_path"] = str(newest)
+        elif isinstance(ckpt_path, str) and ckpt_path.lower() == "none":
+            kwargs["ckpt_path"] = None
+        elif ckpt_path is None and "optim" in self.model.hparams:
+            raise ValueError(
+                f"visionzoo {subcommand} of {self.model.method_name} needs the weights to evaluate: --ckpt_path last "
+                "(the run directory's newest checkpoint), --ckpt_path PATH, or --ckpt_path none for the untrained "
+                "model (results.json then marks it untrained)")
+
+    def before_validate(self) -> None:
+        self._evaluated_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._evaluated_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._evaluated_checkpoint("predict")
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config

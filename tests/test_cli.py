@@ -175,3 +175,31 @@ def test_metrics_csv_is_appended_not_replaced(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["train/loss"] for r in rows] == ["1.0", ""]
     assert [r["test/aupro"] for r in rows] == ["", "0.5"]
+
+
+def _tiny_mvtec(tmp_path: Path) -> list[str]:
+    from datamodules.mini.mvtec import write_mvtec
+
+    write_mvtec(tmp_path / "mvtec", categories=["weave"], n_train=4, n_test_good=2, n_test_per_defect=1, seed=0)
+    return [*_mini_args(CONFIGS / "mvtec/msflow.yaml", tmp_path / "mvtec"), "--config", str(CONFIGS / "trainer/cpu.yaml"),
+            "--data.init_args.image_size", "64"]
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_last_with_no_checkpoint_is_an_error_naming_the_run_directory(subcommand, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_mvtec(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no checkpoint in the run directory runs/mvtec/msflow/weave"):
+        VisionZooCLI(args=[subcommand, *args, "--ckpt_path", "last"])
+    with pytest.raises(ValueError, match=f"visionzoo {subcommand} of msflow needs the weights to evaluate"):
+        VisionZooCLI(args=[subcommand, *args])
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_an_explicitly_untrained_test_is_marked_in_results_and_leaderboard(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    VisionZooCLI(args=["test", *_tiny_mvtec(tmp_path), "--ckpt_path", "none"])
+    results = json.loads(Path("runs/mvtec/msflow/weave/results.json").read_text())
+    assert results["checkpoint"] is None and results["untrained"] is True
+    tables = leaderboard.leaderboard_rows(leaderboard.collect_results(Path("runs")), {})
+    assert [row[1] for row in tables["mvtec"][1]] == ["weave (untrained)"]

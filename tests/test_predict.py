@@ -30,7 +30,8 @@ def test_msflow_predicts_the_maps_of_every_test_image_in_order(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     cli = VisionZooCLI(args=["predict", "--config", str(CONFIGS / "mvtec/msflow.yaml"), "--config",
                              str(CONFIGS / "mvtec/mini.yaml"), *CPU, "--data.init_args.root", str(data),
-                             "--data.init_args.image_size", "64", "--data.init_args.batch_size", "3"])
+                             "--data.init_args.image_size", "64", "--data.init_args.batch_size", "3",
+                             "--ckpt_path", "none"])  # the untrained model: the rows, not the weights, are tested
     run = Path(cli.trainer.default_root_dir)
     predicted = _read(run / "predictions/test")
     samples = cli.datamodule.test_samples
@@ -59,7 +60,8 @@ def test_a_face_model_embeds_a_users_image_folder(mini_ms1m, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     cli = VisionZooCLI(args=["predict", "--config", str(CONFIGS / "ms1m/arcface_r50.yaml"), "--config",
                              str(CONFIGS / "ms1m/mini.yaml"), *CPU, "--data.init_args.root", str(mini_ms1m),
-                             "--data.init_args.predict_root", str(faces), "--data.init_args.batch_size", "2"])
+                             "--data.init_args.predict_root", str(faces), "--data.init_args.batch_size", "2",
+                             "--ckpt_path", "none"])
     predicted = _read(Path(cli.trainer.default_root_dir) / "predictions/predict")
     assert predicted["paths"] == [str(faces / name) for name in sorted(names[:4])]
     embeddings = predicted["embedding"]
@@ -78,7 +80,7 @@ def test_a_predict_folder_without_images_is_an_error_naming_it(mini_ms1m, tmp_pa
     with pytest.raises(FileNotFoundError, match=f"data.predict_root {tmp_path / 'empty'}: no .jpg"):
         VisionZooCLI(args=["predict", "--config", str(CONFIGS / "ms1m/arcface_r50.yaml"), "--config",
                            str(CONFIGS / "ms1m/mini.yaml"), *CPU, "--data.init_args.root", str(mini_ms1m),
-                           "--data.init_args.predict_root", str(tmp_path / "empty")])
+                           "--data.init_args.predict_root", str(tmp_path / "empty"), "--ckpt_path", "none"])
 
 
 @pytest.mark.slow
