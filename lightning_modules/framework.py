@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,9 +131,20 @@ class AppendingCSVLogger(CSVLogger):
 # ------------------------------------------------------------------------- checkpoint files
 
 
-def read_checkpoint(path: str, weights_only: bool) -> Any:
-    """A checkpoint file read to the CPU, from a local path or an fsspec URL (``s3://`` ...)."""
-    return _load(path, map_location="cpu", weights_only=weights_only)
+def read_checkpoint(path: str) -> Any:
+    """A user-given checkpoint file read to the CPU, from a local path or an fsspec URL
+    (``s3://`` ...), with ``weights_only=True``: tensors and plain values, never code. A file
+    that holds more is an error that says why and how to re-save what it needs."""
+    try:
+        return _load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[-1] if lines else "")
+        raise ValueError(
+            f"{path}: holds Python objects beyond tensors and plain values ({reason}). visionzoo reads checkpoint "
+            "and weight files with torch.load(weights_only=True), which runs no code from them; if you trust this "
+            "file, re-save its weights: torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pt')"
+        ) from None
 
 
 def is_local_path(path: Any) -> bool:

@@ -4,7 +4,11 @@ Layout (benchmarks.md §3.2; insightface ``arcface_torch/eval/verification.py::l
 of ``(bins, issame_list)``, where ``bins`` holds 2P encoded JPEG images, as ``bytes`` or as uint8
 ``np.ndarray`` (files built with ``cv2.imencode``), and ``issame_list`` P bools; pair i is
 ``bins[2i], bins[2i + 1]``. Files from Python 2 need ``pickle.load(..., encoding="bytes")``.
-A pickle can run code when loaded: read only ``.bin`` files from a source you trust.
+
+A pickle can run code when loaded, so these files are read with an unpickler that resolves only
+the few globals real ``.bin`` files refer to (numpy arrays and scalars, ``_codecs.encode`` for
+bytes pickled by Python 3 at protocol 2, ``bytearray``); any other global is an error naming the
+file and the global, before anything of it runs.
 """
 
 from __future__ import annotations
@@ -22,11 +26,37 @@ class VerificationBinError(ValueError):
     """A verification ``.bin`` file is not a pickle of (2P encoded images, P bools)."""
 
 
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
+})
+
+
+class _ForbiddenGlobal(Exception):
+    pass
+
+
+class _PairSetUnpickler(pickle.Unpickler):
+    """Resolves only :data:`ALLOWED_GLOBALS` (module docstring)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_verification_bin(path: str | PathLike[str]) -> tuple[list[np.ndarray], np.ndarray]:
     """The 2P images as (H, W, 3) uint8 RGB arrays, and ``issame`` as a bool array [P]."""
     with open(path, "rb") as file:
         try:
-            content = pickle.load(file, encoding="bytes")
+            content = _PairSetUnpickler(file, encoding="bytes").load()
+        except _ForbiddenGlobal as error:
+            raise VerificationBinError(
+                f"{path} refers to {error}, which a verification .bin never holds (only encoded images and bools): "
+                "not loaded, since unpickling it could run code"
+            ) from None
         except Exception as error:  # unpickling garbage raises almost any exception type
             raise VerificationBinError(f"{path} is not a readable pickle: {error!r}") from error
     if not isinstance(content, (tuple, list)) or len(content) != 2:

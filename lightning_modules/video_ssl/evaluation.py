@@ -48,8 +48,7 @@ def load_backbone(encoder: VideoEncoder, checkpoint: str) -> None:
     """Load the ``backbone.*`` weights of the Lightning checkpoint ``checkpoint`` (its
     ``state_dict``; a bare state dict is read as is) into ``encoder``, strictly: every key and
     shape must match, otherwise the error names the checkpoint and lists what differs."""
-    # A full Lightning checkpoint (loop and callback states too) of the user's own pretraining run.
-    content = read_checkpoint(checkpoint, weights_only=False)
+    content = read_checkpoint(checkpoint)  # weights_only: a user-given file runs no code
     state = content.get("state_dict", content) if isinstance(content, dict) else {}
     weights = {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     if not weights:

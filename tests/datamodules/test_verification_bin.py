@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import pickle
 import struct
 from pathlib import Path
@@ -114,3 +116,25 @@ def test_corrupt_image_names_file_and_index(tmp_path: Path) -> None:
 def test_write_checks_lengths(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="3 pairs but 2 issame"):
         write_verification_bin(tmp_path / "x.bin", PAIRS, ISSAME[:2])
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_bin_is_refused_naming_the_global_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    path = write_pickle(tmp_path / "lfw.bin", ([_RunsCode(marker)] * 2, [True]))
+    with pytest.raises(VerificationBinError, match=rf"{re.escape(str(path))} refers to posix.system"):
+        read_verification_bin(path)
+    assert not marker.exists()
+    for protocol in (2, 4):  # bytes at protocol 2 go through _codecs.encode, which real files use
+        source = tmp_path / f"p{protocol}.bin"
+        write_verification_bin(source, PAIRS, ISSAME)
+        bins, issame = pickle.loads(source.read_bytes())
+        source.write_bytes(pickle.dumps((bins, issame), protocol=protocol))
+        assert_images_close(read_verification_bin(source)[0])

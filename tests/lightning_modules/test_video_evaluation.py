@@ -122,6 +122,24 @@ def test_pretrained_backbone_loads_from_a_pretraining_checkpoint(tmp_path):
         assert torch.equal(model.backbone.state_dict()[name], value), name
 
 
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pretraining_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "code-ran"
+    hostile = _pretraining_checkpoint(tmp_path / "last.ckpt", VideoEncoder("r2plus1d_test"), payload=_RunsCode(marker))
+    with pytest.raises(ValueError, match=r"last.ckpt: holds Python objects beyond tensors .*weights_only=True.*re-save"):
+        VideoClassifier(num_classes=5, backbone="r2plus1d_test", pretrained_checkpoint=hostile)
+    assert not marker.exists()
+
+
 def test_pretraining_checkpoint_errors_name_the_file_and_the_keys(tmp_path):
     encoder = VideoEncoder("r2plus1d_10")
     no_backbone = tmp_path / "classifier.ckpt"
