@@ -7,7 +7,9 @@ LightningCLI this adds what every run of the suite shares:
 - a stable run directory, ``runs/<benchmark>/<method>/<run name>`` (the run name defaults to the
   DataModule's, e.g. the MVTec category; ``--run_name`` or ``--trainer.default_root_dir`` override
   it), so that a requeued job finds its own checkpoints;
-- a CSV logger appending to ``metrics.csv`` there (fit, test and resumed fits share it), ``config.yaml`` overwritten on re-runs, and
+- a CSV logger appending to ``metrics.csv`` there (fit, test and resumed fits share it);
+  ``config.yaml`` and ``hparams.yaml`` of the fit (a re-run of fit overwrites them), and
+  ``config.<command>.yaml``/``hparams.<command>.yaml`` of validate, test and predict; and
   ``checkpoints/last.ckpt``, written atomically (:mod:`callbacks.checkpoint_io`);
 - a Rich progress bar on a terminal, plain log lines with throughput and ETA otherwise;
 - ``results.json`` after ``test`` (see :mod:`callbacks.results`), ``predictions/`` after
@@ -34,10 +36,11 @@ from callbacks.predictions import PredictionFiles
 from callbacks.preemption import RequeueOnSignal
 from callbacks.results import ResultsWriter
 from callbacks.resume import ResumeState
-from callbacks.run_log import RunCSVLogger
+from callbacks.run_log import RunCSVLogger, command_file
 from callbacks.throughput import Throughput
 from datamodules.base import VisionZooDataModule
 from lightning_modules.base import VisionZooModule
+from lightning_modules.framework import name_saved_config
 
 RUNS_ROOT = Path("runs")
 
@@ -139,8 +142,9 @@ class VisionZooCLI(LightningCLI):
         trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
         if trainer.default_root_dir is None:
             trainer.default_root_dir = str(self.run_directory(config.get("run_name")))
+        command = self.subcommand or "fit"
         if trainer.logger is None:
-            trainer.logger = RunCSVLogger(trainer.default_root_dir)
+            trainer.logger = RunCSVLogger(trainer.default_root_dir, command)
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_checkpointing is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(save_last=True))
@@ -151,7 +155,9 @@ class VisionZooCLI(LightningCLI):
         plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p is not None]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             trainer.plugins = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        instantiated = super().instantiate_trainer(**kwargs)
+        name_saved_config(instantiated, command_file("config", command))  # the fit's provenance stays
+        return instantiated
 
 
 def main(args: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ concern touches:
   ``_set_sampler_epoch``; torchdata ``StatefulDataLoader`` state keys ``_snapshot`` →
   ``_main_snapshot`` → ``_sampler_iter_yielded``.
 - **The CSV logger** (:class:`AppendingCSVLogger`): ``CSVLogger._experiment`` and ``_fs``,
-  ``ExperimentWriter._check_log_dir_exists`` and ``metrics_keys``.
+  ``ExperimentWriter._check_log_dir_exists``, ``metrics_keys`` and ``NAME_HPARAMS_FILE``.
+- **The saved config** (:func:`name_saved_config`): ``SaveConfigCallback.config_filename``.
 - **Checkpoint files** (:func:`read_checkpoint`, :func:`is_local_path`): fabric's
   ``cloud_io._load`` (local or fsspec URL) and ``_is_local_file_protocol``.
 """
@@ -34,6 +35,7 @@ from lightning import LightningModule, Trainer
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, _load
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_warn
@@ -117,7 +119,12 @@ class _AppendingExperimentWriter(ExperimentWriter):
 
 
 class AppendingCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, appending to an existing ``metrics.csv`` (Lightning's deletes it)."""
+    """Lightning's CSVLogger, appending to an existing ``metrics.csv`` (Lightning's deletes it),
+    its hyperparameters written to ``hparams_file``."""
+
+    def __init__(self, *args: Any, hparams_file: str = "hparams.yaml", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hparams_file = hparams_file
 
     @property
     @rank_zero_experiment
@@ -125,7 +132,15 @@ class AppendingCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+            self._experiment.NAME_HPARAMS_FILE = self.hparams_file
         return self._experiment
+
+
+def name_saved_config(trainer: Trainer, filename: str) -> None:
+    """The file name under which LightningCLI's SaveConfigCallback writes the config."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            callback.config_filename = filename
 
 
 # ------------------------------------------------------------------------- checkpoint files

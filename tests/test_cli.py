@@ -203,3 +203,16 @@ def test_an_explicitly_untrained_test_is_marked_in_results_and_leaderboard(tmp_p
     assert results["checkpoint"] is None and results["untrained"] is True
     tables = leaderboard.leaderboard_rows(leaderboard.collect_results(Path("runs")), {})
     assert [row[1] for row in tables["mvtec"][1]] == ["weave (untrained)"]
+
+
+def test_each_command_keeps_its_own_config_and_the_fits_stays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_mvtec(tmp_path)
+    VisionZooCLI(args=["fit", *args, "--trainer.max_steps", "1"])
+    run = Path("runs/mvtec/msflow/weave")
+    fit_files = {name: (run / name).read_text() for name in ("config.yaml", "hparams.yaml")}
+    VisionZooCLI(args=["test", *args, "--ckpt_path", "last", "--model.init_args.top_k", "0.5"])
+    assert {name: (run / name).read_text() for name in fit_files} == fit_files
+    assert yaml.safe_load((run / "config.test.yaml").read_text())["model"]["init_args"]["top_k"] == 0.5
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["top_k"] == 0.03
+    assert (run / "hparams.test.yaml").is_file()
