@@ -25,7 +25,7 @@ MSFLOW_MINI := --config configs/mvtec/msflow.yaml --config configs/mvtec/mini.ya
 demo: $(INSTALLED)
 	$(BIN)/python -m datamodules.mini mvtec $(MINI_MVTEC)
 	for category in $(MINI_CATEGORIES); do \
-	  $(BIN)/visionzoo fit $(MSFLOW_MINI) --data.init_args.category $$category && \
+	  $(BIN)/visionzoo fit $(MSFLOW_MINI) --data.init_args.category $$category --overwrite true && \
 	  $(BIN)/visionzoo test $(MSFLOW_MINI) --data.init_args.category $$category --ckpt_path last || exit 1; \
 	done
 	$(BIN)/python -m benchmarks.leaderboard runs

@@ -23,6 +23,7 @@ LightningCLI this adds what every run of the suite shares:
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -77,6 +78,13 @@ class VisionZooCLI(LightningCLI):
             help="Last component of the run directory runs/<benchmark>/<method>/<run_name> "
             "(default: the DataModule's run name, e.g. the MVTec category).",
         )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: replace the run in the run directory (its checkpoints, metrics.csv and results.json) "
+            "instead of refusing to start a fresh run there.",
+        )
 
     def run_directory(self, run_name: str | None) -> Path:
         """``runs/<benchmark>/<method>/<run name>`` from the DataModule's and the method's contracts."""
@@ -95,11 +103,25 @@ class VisionZooCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` resumes from the run directory's newest checkpoint, or starts
-        afresh when it has none."""
+        afresh when it has none. A fresh fit into a run directory that holds checkpoints is an
+        error (its metrics and checkpoints would mix with the new run's) unless ``--overwrite``,
+        which removes that run's checkpoints, ``metrics.csv`` and ``results.json`` first."""
         kwargs = self.config_init["fit"]
+        newest = self._newest_checkpoint()
         if kwargs.get("ckpt_path") == "last":
-            newest = self._newest_checkpoint()
             kwargs["ckpt_path"] = str(newest) if newest else None
+        elif kwargs.get("ckpt_path") is None and newest is not None:
+            run_dir = Path(self.trainer.default_root_dir)
+            if not kwargs.get("overwrite"):
+                raise FileExistsError(
+                    f"{run_dir} already holds a run ({newest.relative_to(run_dir)}): resume it with --ckpt_path last, "
+                    "start a separate run with --run_name NAME (or --trainer.default_root_dir DIR), or replace it "
+                    "with --overwrite")
+            if self.trainer.is_global_zero:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                for stale in [*run_dir.glob("hpc_ckpt_*"), run_dir / "metrics.csv", run_dir / "results.json"]:
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+            self.trainer.strategy.barrier("visionzoo overwrite")
 
     def _evaluated_checkpoint(self, subcommand: str) -> None:
         """The weights ``validate``, ``test`` and ``predict`` evaluate: ``--ckpt_path last`` (the

@@ -216,3 +216,19 @@ def test_each_command_keeps_its_own_config_and_the_fits_stays(tmp_path, monkeypa
     assert yaml.safe_load((run / "config.test.yaml").read_text())["model"]["init_args"]["top_k"] == 0.5
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["top_k"] == 0.03
     assert (run / "hparams.test.yaml").is_file()
+
+
+def test_a_fresh_fit_into_a_used_run_directory_is_refused_unless_overwritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*_tiny_mvtec(tmp_path), "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1"]
+    VisionZooCLI(args=["fit", *args])
+    run = Path("runs/mvtec/msflow/weave")
+    before = (run / "metrics.csv").read_text()
+    with pytest.raises(FileExistsError, match=r"runs/mvtec/msflow/weave already holds a run \(checkpoints/last.ckpt\): "
+                                              r"resume it with --ckpt_path last, .*--run_name NAME.*--overwrite"):
+        VisionZooCLI(args=["fit", *args])
+    assert (run / "metrics.csv").read_text() == before
+    VisionZooCLI(args=["fit", *args, "--run_name", "second"])  # a separate run beside it
+    VisionZooCLI(args=["fit", *args, "--overwrite", "true"])
+    steps = [row["step"] for row in csv.DictReader((run / "metrics.csv").open()) if row.get("train/loss")]
+    assert steps == ["0", "1"]  # the replaced run's rows are gone, not mixed with the new ones
