@@ -1,4 +1,5 @@
-"""Preemption: on SIGUSR1 save a checkpoint at a safe point and requeue the SLURM job."""
+"""Stopping on a signal without losing the run: save a checkpoint at a safe point, then stop
+(and on SIGUSR1 requeue the SLURM job)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -21,45 +23,69 @@ def next_hpc_checkpoint(run_dir: Path) -> Path:
     return run_dir / f"hpc_ckpt_{max(versions, default=0) + 1}.ckpt"
 
 
-class RequeueOnSignal(Callback):
-    """On ``SIGUSR1`` (``sbatch --signal=USR1@90``, or ``scancel --signal=USR1 JOBID``): at the
-    end of the current training batch, once every rank has agreed, save
-    ``hpc_ckpt_<n>.ckpt`` into the run directory, requeue the SLURM job (``scontrol requeue``)
-    and stop. The requeued job finds the checkpoint in its stable run directory and resumes.
-    Outside SLURM the run saves and stops.
+class CheckpointOnSignal(Callback):
+    """On ``SIGUSR1``, ``SIGTERM`` or ``SIGINT`` during ``fit``: at the end of the current
+    training batch, once every rank has agreed, save ``hpc_ckpt_<n>.ckpt`` into the run
+    directory and stop.
 
-    Lightning's own auto-requeue saves inside the signal handler. Under DDP a rank can be
-    signalled in the middle of a collective while another is elsewhere, and the checkpoint's
-    barrier then hangs (seen on a 2-task CPU job). Here the handler only sets a flag and the
-    ranks agree at a batch boundary (one all-reduce of a boolean per step), so use
-    ``SLURMEnvironment(auto_requeue=False)`` with it (``configs/trainer/slurm.yaml`` does).
+    - ``SIGUSR1`` (``sbatch --signal=USR1@90``, ``scancel --signal=USR1 JOBID``): preemption;
+      the SLURM job is requeued (``scontrol requeue``) and finds the checkpoint in its stable run
+      directory; ``visionzoo`` exits 0. Outside SLURM the run saves and stops.
+    - ``SIGTERM`` (``scancel``, ``kill``, most schedulers) and ``SIGINT`` (Ctrl+C): ``visionzoo``
+      exits with 128 + the signal's number and a line naming the checkpoint, so ``fit && test``
+      does not carry on. A second ``SIGINT`` interrupts at once.
+
+    Lightning's own handlers save inside the signal handler (auto-requeue), which can hang DDP
+    when a rank is signalled in the middle of a collective, or stop on SIGTERM without a
+    checkpoint and with exit status 0. Here the handler only records the signal and the ranks
+    agree at a batch boundary (one all-reduce per step); the handlers are installed when
+    training starts, after Lightning's (so use ``SLURMEnvironment(auto_requeue=False)``, as
+    ``configs/trainer/slurm.yaml`` does), and the previous ones are put back at teardown.
     """
 
-    def __init__(self, signal_name: str = "SIGUSR1") -> None:
-        self.signal = signal.Signals[signal_name]
-        self._received = False
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._received = 0
+        self._previous: dict[signal.Signals, Any] = {}
+        self.stopped_by: signal.Signals | None = None
+        self.checkpoint: Path | None = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._received = True
+        if signum == signal.SIGINT and self._received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl+C: now
+        self._received = self._received or signum
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._received = False
-            signal.signal(self.signal, self._on_signal)
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._received, self.stopped_by, self.checkpoint = 0, None, None
+        self._previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._on_signal:  # not replaced since (Lightning restores its own)
+                signal.signal(signum, previous)
+        self._previous = {}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+        received = int(trainer.strategy.reduce(torch.tensor(self._received, device=pl_module.device), reduce_op="max"))
+        if not received:
             return
-        path = next_hpc_checkpoint(Path(trainer.default_root_dir))
-        rank_zero_info(f"{self.signal.name} received: saving {path} at global step {trainer.global_step}")
-        trainer.save_checkpoint(path)
+        self.stopped_by = signal.Signals(received)
+        self.checkpoint = next_hpc_checkpoint(Path(trainer.default_root_dir))
+        rank_zero_info(f"{self.stopped_by.name} received: saving {self.checkpoint} at global step {trainer.global_step}")
+        trainer.save_checkpoint(self.checkpoint)
         trainer.should_stop = True
         job = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and job:
+        if self.stopped_by == signal.SIGUSR1 and trainer.is_global_zero and job:
             array = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if result.returncode == 0:
-                rank_zero_info(f"requeued SLURM job {job}; it resumes from {path}")
+                rank_zero_info(f"requeued SLURM job {job}; it resumes from {self.checkpoint}")
             else:
-                rank_zero_warn(f"could not requeue SLURM job {job}: {result.stderr.strip()}; resume with --ckpt_path {path}")
+                rank_zero_warn(f"could not requeue SLURM job {job}: {result.stderr.strip()}; resume with "
+                               f"--ckpt_path {self.checkpoint}")
+
+    def exit_status(self) -> int:
+        """0, or 128 + the signal that stopped training (SIGTERM, SIGINT)."""
+        return 128 + self.stopped_by if self.stopped_by in (signal.SIGTERM, signal.SIGINT) else 0

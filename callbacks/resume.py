@@ -46,15 +46,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
-def drop_rows_after(metrics_csv: Path, step: int) -> int:
-    """Remove the rows of ``metrics_csv`` whose ``step`` is greater than ``step`` (written by a
-    run after the checkpoint it is resumed from); returns how many. Atomic rewrite."""
+def drop_rows_from(metrics_csv: Path, step: int) -> int:
+    """Remove the rows of ``metrics_csv`` whose ``step`` is ``step`` or later (written by a run
+    after the checkpoint it is resumed from); returns how many. Atomic rewrite."""
     if not metrics_csv.is_file():
         return 0
     with open(metrics_csv, newline="") as file:
         reader = csv.DictReader(file)
         fields, rows = reader.fieldnames or [], list(reader)
-    kept = [row for row in rows if not row.get("step") or int(float(row["step"])) <= step]
+    kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
     if len(kept) < len(rows):
         partial = metrics_csv.with_name(f".{metrics_csv.name}.{os.getpid()}.partial")
         with open(partial, "w", newline="") as file:
@@ -67,9 +67,12 @@ def drop_rows_after(metrics_csv: Path, step: int) -> int:
 
 class ResumeState(Callback):
     """Stores every rank's global RNG states and the run's seed in each checkpoint and flushes
-    the loggers; on resume,
-    restores this rank's states when training starts (after any sanity check, which draws
-    random numbers) and drops the ``metrics.csv`` rows logged after the checkpoint.
+    the loggers; on resume, restores this rank's states when training starts (after any sanity
+    check, which draws random numbers) and, at the first training batch, drops the
+    ``metrics.csv`` rows from the step that batch will be logged at on (rows the interrupted run
+    wrote after its checkpoint). That step is Lightning's own count once its loop has restarted:
+    it depends on where the checkpoint was written (after a batch, or after the epoch's
+    validation), which the checkpoint's own count does not tell.
 
     RNG states are gathered from all ranks when saving (every rank runs the checkpoint hooks);
     a checkpoint resumed on a different world size restores ``rank % saved ranks``, which is
@@ -80,6 +83,7 @@ class ResumeState(Callback):
         self._to_restore: dict[str, Any] | None = None
         self._loader_states: list[dict[str, Any]] | None = None
         self._epoch = 0
+        self._drop_rows_pending = False
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = rng_states()
@@ -91,7 +95,6 @@ class ResumeState(Callback):
         checkpoint["resume_state"] = {
             "rng_states": gathered,
             "seed": os.environ.get("PL_GLOBAL_SEED"),
-            "logged_step": logged_step(trainer),
         }
         for logger in trainer.loggers:  # rows up to the checkpoint survive a kill right after it
             logger.save()
@@ -122,12 +125,18 @@ class ResumeState(Callback):
             return
         saved = self._to_restore["rng_states"]
         set_rng_states(saved[trainer.global_rank % len(saved)])
+        self._drop_rows_pending = True
+        self._to_restore = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._drop_rows_pending:
+            return
+        self._drop_rows_pending = False
         log_dir = trainer.log_dir  # a collective: every rank asks
         if trainer.is_global_zero and log_dir:
-            dropped = drop_rows_after(Path(log_dir) / "metrics.csv", self._to_restore["logged_step"])
+            dropped = drop_rows_from(Path(log_dir) / "metrics.csv", logged_step(trainer))
             if dropped:
                 rank_zero_info(f"metrics.csv: dropped {dropped} rows logged after the checkpoint")
-        self._to_restore = None
 
     def _restore_data_position(self, trainer: Trainer) -> None:
         """The train loaders at the checkpoint's position, with its epoch's order

@@ -15,7 +15,8 @@ LightningCLI this adds what every run of the suite shares:
 - ``results.json`` after ``test`` (see :mod:`callbacks.results`), ``predictions/`` after
   ``predict`` (:mod:`callbacks.predictions`);
 - a stop at the first NaN/Inf loss, before it reaches the weights (:mod:`callbacks.nan_guard`);
-- on SIGUSR1, a checkpoint at the next batch boundary and a SLURM requeue (:mod:`callbacks.preemption`);
+- on SIGUSR1, a checkpoint at the next batch boundary and a SLURM requeue; on SIGTERM and SIGINT
+  the same checkpoint, then an exit status of 128 + the signal (:mod:`callbacks.preemption`);
 - exact resume: RNG states in every checkpoint, ``metrics.csv`` without the rows a killed run
   logged after its last checkpoint (:mod:`callbacks.resume`), mid-epoch data position
   (:mod:`datamodules.resumable`); ``seed_everything`` defaults to 0.
@@ -30,11 +31,12 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.nan_guard import FiniteLossGuard
 from callbacks.predictions import PredictionFiles
-from callbacks.preemption import RequeueOnSignal
+from callbacks.preemption import CheckpointOnSignal
 from callbacks.results import ResultsWriter
 from callbacks.resume import ResumeState
 from callbacks.run_log import RunCSVLogger, command_file
@@ -61,7 +63,7 @@ class VisionZooCLI(LightningCLI):
                 "callbacks": [
                     Throughput(print_lines=not on_terminal),
                     FiniteLossGuard(),
-                    RequeueOnSignal(),
+                    CheckpointOnSignal(),
                     ResumeState(),
                 ]
                 + ([RichProgressBar()] if on_terminal else []),
@@ -122,6 +124,14 @@ class VisionZooCLI(LightningCLI):
                 for stale in [*run_dir.glob("hpc_ckpt_*"), run_dir / "metrics.csv", run_dir / "results.json"]:
                     shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
             self.trainer.strategy.barrier("visionzoo overwrite")
+
+    def after_fit(self) -> None:
+        """A fit stopped by SIGTERM or SIGINT (after saving a checkpoint) exits non-zero."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, CheckpointOnSignal) and callback.exit_status():
+                rank_zero_info(f"stopped by {callback.stopped_by.name} at global step {self.trainer.global_step}; "
+                               f"checkpoint {callback.checkpoint}; resume with --ckpt_path last")
+                sys.exit(callback.exit_status())
 
     def _evaluated_checkpoint(self, subcommand: str) -> None:
         """The weights ``validate``, ``test`` and ``predict`` evaluate: ``--ckpt_path last`` (the

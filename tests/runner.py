@@ -43,7 +43,13 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 def train_losses(run: Path) -> dict[int, str]:
     """``train/loss`` by logged step, as written (exact text, for bit-for-bit comparisons)."""
-    return {int(r["step"]): r["train/loss"] for r in metrics(run) if r.get("train/loss")}
+    return dict(train_rows(run))
+
+
+def train_rows(run: Path) -> list[tuple[int, str]]:
+    """Every ``train/loss`` row of ``metrics.csv`` as (step, loss text), in file order: a step
+    written twice shows up twice."""
+    return [(int(r["step"]), r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

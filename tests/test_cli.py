@@ -232,3 +232,22 @@ def test_a_fresh_fit_into_a_used_run_directory_is_refused_unless_overwritten(tmp
     VisionZooCLI(args=["fit", *args, "--overwrite", "true"])
     steps = [row["step"] for row in csv.DictReader((run / "metrics.csv").open()) if row.get("train/loss")]
     assert steps == ["0", "1"]  # the replaced run's rows are gone, not mixed with the new ones
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_non_zero(signal_name, tmp_path):
+    import signal
+
+    from runner import visionzoo
+
+    injection = tmp_path / "signal.yaml"
+    injection.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "tests.fault_injection.SignalAtStep", "init_args": {"global_step": 2, "signal_name": signal_name}}]}}))
+    result = visionzoo("fit", *_tiny_mvtec(tmp_path), "--config", str(injection), "--data.init_args.batch_size", "1",
+                       "--trainer.default_root_dir", "run", cwd=tmp_path, check=False)
+    assert result.returncode == 128 + signal.Signals[signal_name], result.stderr[-2000:]
+    assert f"stopped by {signal_name} at global step 3" in result.stdout + result.stderr
+    assert (tmp_path / "run/hpc_ckpt_1.ckpt").is_file()
+    resumed = visionzoo("fit", *_tiny_mvtec(tmp_path), "--data.init_args.batch_size", "1", "--trainer.max_steps", "4",
+                        "--trainer.default_root_dir", "run", "--ckpt_path", "last", cwd=tmp_path)
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr

@@ -14,14 +14,16 @@ import pytest
 import yaml
 
 from conftest import CONFIGS
-from runner import assert_same_weights, final_weights, train_losses, visionzoo
+from runner import assert_same_weights, final_weights, train_losses, train_rows, visionzoo
 
 STEPS_PER_EPOCH = 12  # 768 mini images / batch 64
 
 
-def _config(tmp_path: Path, mini_ms1m: Path, interruption: tuple[str, int] | None) -> list[str]:
+def _config(tmp_path: Path, mini_ms1m: Path, interruption: tuple[str, int] | None, every_step: bool = True) -> list[str]:
+    """With ``every_step`` a checkpoint after every step; without, visionzoo's default: after
+    each validation (here at the end of every epoch)."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 1, "save_last": True}}]
+                  "init_args": {"every_n_train_steps": 1, "save_last": True}}] if every_step else []
     if interruption:
         signal_name, step = interruption
         callbacks.append({"class_path": "tests.fault_injection.SignalAtStep",
@@ -32,7 +34,7 @@ def _config(tmp_path: Path, mini_ms1m: Path, interruption: tuple[str, int] | Non
         "trainer": {"max_epochs": 2, "deterministic": True, "check_val_every_n_epoch": 1,
                     "log_every_n_steps": 1, "callbacks": callbacks},
     }
-    path = tmp_path / f"overrides-{interruption}.yaml"
+    path = tmp_path / f"overrides-{interruption}-{every_step}.yaml"
     path.write_text(yaml.safe_dump(overrides))
     return ["--config", str(CONFIGS / "ms1m/arcface_r50.yaml"), "--config", str(CONFIGS / "ms1m/mini.yaml"),
             "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(path)]
@@ -58,15 +60,30 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(signal_name, ste
     run = tmp_path / "run"
     if signal_name == "SIGKILL":
         assert first.returncode == -signal.SIGKILL
-    if signal_name == "SIGUSR1":
+    if signal_name in ("SIGUSR1", "SIGTERM"):  # a checkpoint at the batch boundary; SIGTERM exits non-zero
         assert (run / "hpc_ckpt_1.ckpt").is_file(), first.stderr[-3000:]
+        assert first.returncode == (0 if signal_name == "SIGUSR1" else 128 + signal.SIGTERM)
     assert max(train_losses(run), default=-1) < 2 * STEPS_PER_EPOCH - 1  # it did stop early (SIGTERM: gracefully)
 
     resumed = visionzoo("fit", *_config(tmp_path, mini_ms1m, None), "--trainer.default_root_dir", "run",
                         "--ckpt_path", "last", cwd=tmp_path)
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
     assert_same_weights(final_weights(run), final_weights(uninterrupted))
-    assert train_losses(run) == train_losses(uninterrupted)  # every step once, same losses
+    assert train_rows(run) == train_rows(uninterrupted)  # every step once, in order, same losses
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_its_validation_checkpoint_logs_every_step_once(uninterrupted, mini_ms1m, tmp_path):
+    """The default checkpoint is written when the epoch's validation ends, inside its last batch,
+    before Lightning counts that batch for its loggers; resumed, Lightning repeated that step."""
+    first = visionzoo("fit", *_config(tmp_path, mini_ms1m, ("SIGKILL", STEPS_PER_EPOCH + 3), every_step=False),
+                      "--trainer.default_root_dir", "run", cwd=tmp_path, check=False)
+    assert first.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    visionzoo("fit", *_config(tmp_path, mini_ms1m, None, every_step=False), "--trainer.default_root_dir", "run",
+              "--ckpt_path", "last", cwd=tmp_path)
+    assert_same_weights(final_weights(run), final_weights(uninterrupted))
+    assert train_rows(run) == train_rows(uninterrupted)
 
 
 def test_ckpt_path_last_starts_fresh_without_a_checkpoint(mini_ms1m, tmp_path):
