@@ -143,3 +143,22 @@ class ResumeState(Callback):
         (:func:`lightning_modules.framework.restore_train_position`)."""
         states, self._loader_states = self._loader_states, None
         restore_train_position(trainer, states, self._epoch)
+
+
+class LastCheckpointEvery(Callback):
+    """Writes ``<run dir>/checkpoints/last.ckpt`` every ``steps`` optimizer steps, whatever the
+    validation schedule: Lightning's ModelCheckpoint saves after validation only, so a run that
+    validates every few epochs lost everything before its first validation when interrupted.
+    ``visionzoo --checkpoint_every_n_steps N`` (a config key too; 0 turns it off)."""
+
+    def __init__(self, steps: int) -> None:
+        if steps < 0:
+            raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0: off), got {steps}")
+        self.steps = steps
+        self._saved_at = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.steps and step % self.steps == 0 and step != self._saved_at:  # once per step under accumulation
+            self._saved_at = step
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")

@@ -38,7 +38,7 @@ from callbacks.nan_guard import FiniteLossGuard
 from callbacks.predictions import PredictionFiles
 from callbacks.preemption import CheckpointOnSignal
 from callbacks.results import ResultsWriter
-from callbacks.resume import ResumeState
+from callbacks.resume import LastCheckpointEvery, ResumeState
 from callbacks.run_log import RunCSVLogger, command_file
 from callbacks.throughput import Throughput
 from datamodules.base import VisionZooDataModule
@@ -79,6 +79,13 @@ class VisionZooCLI(LightningCLI):
             default=None,
             help="Last component of the run directory runs/<benchmark>/<method>/<run_name> "
             "(default: the DataModule's run name, e.g. the MVTec category).",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=500,
+            help="fit: also write checkpoints/last.ckpt every N optimizer steps, whatever the validation schedule "
+            "(0: only after validation, Lightning's default).",
         )
         parser.add_argument(
             "--overwrite",
@@ -180,6 +187,7 @@ class VisionZooCLI(LightningCLI):
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_checkpointing is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(save_last=True))
+            callbacks.append(LastCheckpointEvery(config.get("checkpoint_every_n_steps", 0)))
         callbacks.append(ResultsWriter(config=config.clone().as_dict()))
         if self.subcommand == "predict" and not any(isinstance(c, PredictionFiles) for c in callbacks):
             callbacks.append(PredictionFiles())

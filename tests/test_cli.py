@@ -251,3 +251,19 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_non_zero(signal_name, tmp
     resumed = visionzoo("fit", *_tiny_mvtec(tmp_path), "--data.init_args.batch_size", "1", "--trainer.max_steps", "4",
                         "--trainer.default_root_dir", "run", "--ckpt_path", "last", cwd=tmp_path)
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+
+
+def test_last_checkpoint_is_written_every_n_steps_without_validation(tmp_path):
+    """Killed at step 3 of a run that has not validated yet: step 2's checkpoint is there."""
+    from runner import visionzoo
+
+    injection = tmp_path / "kill.yaml"
+    injection.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "tests.fault_injection.SignalAtStep", "init_args": {"global_step": 3, "signal_name": "SIGKILL"}}]}}))
+    for every, run in ((2, "with"), (0, "without")):
+        visionzoo("fit", *_tiny_mvtec(tmp_path), "--config", str(injection), "--data.init_args.batch_size", "1",
+                  "--checkpoint_every_n_steps", str(every), "--trainer.default_root_dir", run, cwd=tmp_path, check=False)
+    import torch
+
+    assert torch.load(tmp_path / "with/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    assert not (tmp_path / "without/checkpoints").exists()
