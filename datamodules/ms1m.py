@@ -11,6 +11,7 @@ Images are 112x112 RGB (others are resized); the training transform is insightfa
 ``arcface_torch``'s: RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5), i.e. (x/255 - 0.5)/0.5.
 """
 
+import json
 import logging
 from collections.abc import Sequence
 from functools import cached_property
@@ -28,10 +29,12 @@ from datamodules.formats.images import decode_image, read_image
 from datamodules.layout import layout_error
 from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
 from datamodules.formats.recordio import (
+    RecordIOError,
     RecordIOReader,
     check_insightface_rec,
     identity_key_ranges,
     image_keys,
+    image_labels,
     read_image_record,
     read_property,
 )
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 SIZE = 112
 DEFAULT_VAL_SETS = ("lfw", "cfp_fp", "agedb_30")
 RECORDIO_FILES = ("train.rec", "train.idx", "property")
+LABELS_CHECKED = ".ms1m_labels_checked.json"  # in the run directory: which .rec's labels were all checked
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -328,6 +332,26 @@ class MS1MDataModule(VisionZooDataModule):
                 hint = "(for an image folder <identity>/<image>.jpg instead: train_format='folder', folder=...)"
             raise layout_error("MS1M", self.root, missing, hint)
 
+    def _check_every_label(self, reader: RecordIOReader, keys: Sequence[int]) -> None:
+        """Every image's class id in [0, num_classes): read from the record headers (no image is
+        decoded; seconds for MS1M's 5.2 M records), once per ``.rec``/``.idx``/``property``
+        version: the result is remembered in the run directory."""
+        stamp = {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in
+                           (reader.rec_path, reader.idx_path, self.root / "property")], "num_classes": self.num_classes}
+        run_dir = getattr(self.trainer, "default_root_dir", None) if self.trainer is not None else None
+        remembered = Path(run_dir) / LABELS_CHECKED if run_dir else None
+        if remembered is not None and remembered.is_file() and json.loads(remembered.read_text()) == stamp:
+            return
+        labels = image_labels(reader, keys)
+        outside = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if outside.size:
+            examples = ", ".join(f"key {keys[i]}: {labels[i]}" for i in outside[:5])
+            raise RecordIOError(f"{reader.rec_path}: {outside.size} image records have class ids outside [0, "
+                                f"{self.num_classes}) (the class count of {self.root / 'property'}): {examples}")
+        if remembered is not None:
+            remembered.parent.mkdir(parents=True, exist_ok=True)
+            remembered.write_text(json.dumps(stamp))
+
     def _train_dataset(self) -> FaceDataset:
         """The training dataset, built (and sanity-checked) on first use."""
         if self.train_dataset is not None:
@@ -336,6 +360,7 @@ class MS1MDataModule(VisionZooDataModule):
         if self.train_format == "recordio":
             reader = RecordIOReader(self.root / "train.rec", self.root / "train.idx")
             check_insightface_rec(reader, self.num_classes)
+            self._check_every_label(reader, image_keys(reader))
             self.train_dataset = RecordIOFaceDataset(reader, image_keys(reader), **options)
         else:
             samples = [

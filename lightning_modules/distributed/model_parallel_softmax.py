@@ -381,6 +381,10 @@ until its CUDA test has passed on a GPU),
             embeddings = _ScaleGrad.apply(embeddings, float(world_size))
         features = F.normalize(all_gather_with_grad(embeddings), dim=1)
         labels = all_gather(labels)
+        outside = (labels < 0) | (labels >= self.num_classes)
+        if outside.any():  # every rank sees the gathered labels: every rank raises
+            raise ValueError(f"labels outside [0, {self.num_classes}) in the global batch: "
+                             f"{labels[outside].unique()[:10].tolist()}; the data and num_classes disagree")
         centres, column = self.weight, labels - self.start
         if self.training and (self.options.sample_rate < 1.0 or self.options.knn_neighbours):
             active = self.active_classes(labels)

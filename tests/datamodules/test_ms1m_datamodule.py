@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datamodules.formats.images import CorruptFileError, decode_image, encode_jpeg
-from datamodules.formats.recordio import IRHeader, RecordIOWriter, pack, read_image_record
+from datamodules.formats.recordio import IRHeader, RecordIOError, RecordIOReader, RecordIOWriter, image_labels, pack, read_image_record
 from datamodules.formats.verification_bin import read_verification_bin
 from datamodules.mini.ms1m import write_ms1m
 from datamodules.ms1m import MS1MDataModule
@@ -228,3 +228,18 @@ def test_skip_corrupt_replaces_and_counts(corrupt_root: Path, caplog: pytest.Log
     assert sample["index"] in (1, 3)
     assert datamodule.num_skipped >= 1 and datamodule.num_skipped == len(caplog.records)
     assert "train.rec key 2" in caplog.text
+
+
+def test_every_record_label_is_checked_not_only_the_first_and_last(tmp_path: Path) -> None:
+    """12 images of 3 classes; one in the middle says class 7: the setup check names it."""
+    face = np.full((112, 112, 3), 128, np.uint8)
+    labels = [0] * 4 + [1] * 2 + [7] + [1] + [2] * 4
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        writer.write(0, pack(IRHeader(2, (13, 16), 0, 0), b""))
+        for key, label in enumerate(labels, start=1):
+            header = IRHeader(2, (float(label), 1.0), key, 0) if key == 9 else IRHeader(0, float(label), key, 0)
+            writer.write(key, pack(header, encode_jpeg(face)))
+    (tmp_path / "property").write_text("3,112,112\n")
+    with pytest.raises(RecordIOError, match=r"train.rec: 1 image records have class ids outside \[0, 3\) .*key 7: 7"):
+        _datamodule(tmp_path).setup("fit")
+    assert image_labels(RecordIOReader(tmp_path / "train.rec", tmp_path / "train.idx"), range(1, 13)).tolist() == labels

@@ -515,3 +515,10 @@ def test_search_softmax_loss_matches_formula_and_stays_finite_when_p_underflows(
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         SoftmaxOptions(**options)
+
+
+@pytest.mark.parametrize("label", [-1, NUM_CLASSES])
+def test_a_label_outside_the_classes_is_an_error_naming_it(label):
+    model = ModelParallelSoftmax(NUM_CLASSES, DIM, SoftmaxHead())
+    with pytest.raises(ValueError, match=rf"labels outside \[0, {NUM_CLASSES}\) in the global batch: \[{label}\]"):
+        model(torch.randn(3, DIM), torch.tensor([0, label, 1]))
