@@ -4,8 +4,12 @@ with the papers' headline numbers (``paper_numbers.yaml``) beside them.
     python -m benchmarks.leaderboard runs/            # markdown on stdout
     python -m benchmarks.leaderboard runs/ --json     # the collected rows as JSON
 
-Metrics are shown in percent. A method with results on several runs of one benchmark (e.g.
-several MVTec categories) also gets a row with their mean.
+Metrics are shown in percent. Each run (an MVTec category, a UCF101 split ...) is shown by its
+newest ``results.json``; a method with several runs also gets a row with their mean, over
+distinct runs only. Where the papers' number is a mean over a fixed set of categories (MVTec AD's
+15), the row says how many of them it covers and is marked not comparable when some are
+missing. Untrained baselines (``--ckpt_path none``) are labelled and left out of means. A
+``results.json`` that cannot be read is reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ import yaml
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 
+# The categories a benchmark's headline numbers average over (benchmarks.md: MVTec AD's 15).
+PAPER_CATEGORIES = {
+    "mvtec": ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+              "tile", "toothbrush", "transistor", "wood", "zipper"),
+}
+
 
 def collect_results(runs: Path) -> list[dict[str, Any]]:
     """Every readable ``results.json`` below ``runs``; unreadable ones are reported on stderr."""
@@ -29,14 +39,27 @@ def collect_results(runs: Path) -> list[dict[str, Any]]:
     for path in sorted(runs.rglob("results.json")):
         try:
             result = json.loads(path.read_text())
-            if not isinstance(result.get("metrics"), dict) or "method" not in result:
-                raise ValueError("no 'metrics' or 'method' entry")
+            _check_result(result)
         except (OSError, ValueError) as error:
             print(f"skipping {path}: not a visionzoo results file ({error})", file=sys.stderr)
             continue
         result["path"] = str(path)
         results.append(result)
     return results
+
+
+def _check_result(result: Any) -> None:
+    """The fields the table reads, with their types; a ValueError says which is wrong."""
+    if not isinstance(result, dict):
+        raise ValueError(f"a JSON object was expected, got {type(result).__name__}")
+    for key in ("benchmark", "method"):
+        if not isinstance(result.get(key), str):
+            raise ValueError(f"{key!r} must be a string, got {result.get(key)!r}")
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise ValueError("'metrics' must map metric names to numbers")
+    if not isinstance(result.get("dataset", {}), dict):
+        raise ValueError("'dataset' must be an object")
 
 
 def run_label(result: dict[str, Any]) -> str:
@@ -68,18 +91,40 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
         for entry in entries:
             by_method[entry["method"]].append(entry)
         for method, runs in sorted(by_method.items()):
-            for run in sorted(runs, key=run_label):
-                label = run_label(run) + (" (untrained)" if run.get("untrained") else "")
-                rows.append([method, label, *(_cell(run["metrics"].get(n)) for n in names), "visionzoo"])
-            trained = [run for run in runs if not run.get("untrained")]  # untrained baselines are not results
+            newest = _newest_per_run(runs)
+            for (label, untrained), (run, repeats) in sorted(newest.items()):
+                shown = label + (" (untrained)" if untrained else "") + (f" (newest of {repeats})" if repeats > 1 else "")
+                rows.append([method, shown, *(_cell(run["metrics"].get(n)) for n in names), "visionzoo"])
+            trained = {label: run for (label, untrained), (run, _) in newest.items() if not untrained}
             if len(trained) > 1:
-                means = [[r["metrics"][n] for r in trained if n in r["metrics"]] for n in names]
-                rows.append([method, f"mean of {len(trained)}", *(_cell(sum(v) / len(v)) if v else "" for v in means), "visionzoo"])
+                means = [[r["metrics"][n] for r in trained.values() if n in r["metrics"]] for n in names]
+                rows.append([method, _mean_label(benchmark, set(trained)), *(_cell(sum(v) / len(v)) if v else "" for v in means),
+                             "visionzoo"])
             if method in papers:
                 reported = papers[method]["metrics"]
                 rows.append([method, "paper", *(f"{reported[n]:.2f}" if n in reported else "" for n in names), "paper (see note)"])
         tables[benchmark] = (names, rows)
     return tables
+
+
+def _newest_per_run(runs: list[dict[str, Any]]) -> dict[tuple[str, bool], tuple[dict[str, Any], int]]:
+    """Per (run label, untrained): the newest result (by its ``time``) and how many there were."""
+    grouped: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        grouped[run_label(run), bool(run.get("untrained"))].append(run)
+    return {key: (max(group, key=lambda r: str(r.get("time", ""))), len(group)) for key, group in grouped.items()}
+
+
+def _mean_label(benchmark: str, labels: set[str]) -> str:
+    """``mean of N``, or for a benchmark whose papers average fixed categories, how many of them
+    the mean covers and whether it compares with the papers' mean."""
+    categories = PAPER_CATEGORIES.get(benchmark)
+    if categories is None:
+        return f"mean of {len(labels)}"
+    covered = len(labels & set(categories))
+    if covered == len(categories) == len(labels):
+        return f"mean of the {len(categories)} categories"
+    return f"mean of {len(labels)} runs ({covered} of the paper's {len(categories)} categories): not comparable"
 
 
 def markdown(tables: dict[str, tuple[list[str], list[list[str]]]], paper: dict[str, Any]) -> str:

@@ -1,0 +1,51 @@
+"""The leaderboard: newest result per run, means over distinct runs that say what they cover,
+untrained baselines apart, malformed results.json reported and skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import leaderboard
+
+
+def _result(root: Path, run: str, category: str, auroc: float, time: str, **extra) -> None:
+    path = root / "mvtec/msflow" / run / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "mvtec", "method": "msflow", "dataset": {"category": category},
+                                "metrics": {"image_auroc": auroc}, "time": time, **extra}))
+
+
+def _rows(root: Path) -> list[list[str]]:
+    return leaderboard.leaderboard_rows(leaderboard.collect_results(root), {})["mvtec"][1]
+
+
+def test_repeated_runs_of_a_category_count_once_with_the_newest_result(tmp_path):
+    _result(tmp_path, "bottle", "bottle", 0.90, "2026-01-01T00:00:00+00:00")
+    _result(tmp_path, "bottle_again", "bottle", 0.70, "2026-02-01T00:00:00+00:00")
+    _result(tmp_path, "cable", "cable", 0.80, "2026-01-05T00:00:00+00:00")
+    _result(tmp_path, "cable_untrained", "cable", 0.50, "2026-03-01T00:00:00+00:00", untrained=True)
+    rows = _rows(tmp_path)
+    assert [row[1:3] for row in rows] == [
+        ["bottle (newest of 2)", "70.00"], ["cable", "80.00"], ["cable (untrained)", "50.00"],
+        ["mean of 2 runs (2 of the paper's 15 categories): not comparable", "75.00"],
+    ]
+
+
+def test_the_mean_of_all_paper_categories_is_comparable(tmp_path):
+    for i, category in enumerate(leaderboard.PAPER_CATEGORIES["mvtec"]):
+        _result(tmp_path, category, category, 0.5 + i / 100, "2026-01-01T00:00:00+00:00")
+    assert _rows(tmp_path)[-1][1:3] == ["mean of the 15 categories", "57.00"]
+
+
+def test_a_malformed_results_file_is_named_and_skipped(tmp_path, capsys):
+    _result(tmp_path, "bottle", "bottle", 0.9, "2026-01-01T00:00:00+00:00")
+    for name, content in {"truncated": '{"benchmark": "mvtec", "meth', "text_metric": json.dumps(
+            {"benchmark": "mvtec", "method": "msflow", "metrics": {"image_auroc": "0.9"}}),
+            "list": "[1, 2]", "no_method": json.dumps({"benchmark": "mvtec", "metrics": {}})}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(content)
+    assert [row[1] for row in _rows(tmp_path)] == ["bottle"]
+    err = capsys.readouterr().err
+    for name in ("truncated", "text_metric", "list", "no_method"):
+        assert f"skipping {tmp_path / name / 'results.json'}" in err
