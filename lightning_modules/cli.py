@@ -24,10 +24,12 @@ LightningCLI this adds what every run of the suite shares:
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -43,12 +45,12 @@ from callbacks.run_log import RunCSVLogger, command_file
 from callbacks.throughput import Throughput
 from datamodules.base import VisionZooDataModule
 from lightning_modules.base import VisionZooModule
-from lightning_modules.framework import name_saved_config
+from lightning_modules.framework import CommandLineOverCheckpoint, name_saved_config
 
 RUNS_ROOT = Path("runs")
 
 
-class VisionZooCLI(LightningCLI):
+class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         on_terminal = sys.stdout.isatty()
         super().__init__(
@@ -110,6 +112,27 @@ class VisionZooCLI(LightningCLI):
         candidates = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
         return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
+    def _check_checkpoint(self, path: str | None) -> None:
+        """A checkpoint of another method or DataModule is an error naming both; hyperparameters
+        that differ from this run's are listed (this run's, from the command line, are used and
+        recorded in ``config.<command>.yaml`` and ``results.json``)."""
+        if path is None or not Path(path).is_file():
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key, mine in (("hyper_parameters", self.model), ("datamodule_hyper_parameters", self.datamodule)):
+            saved = checkpoint.get(key, {}).get("_class_path")
+            this = f"{type(mine).__module__}.{type(mine).__qualname__}"
+            if saved is not None and saved != this:
+                raise ValueError(f"{path} was written by a run of {saved}, but this run's "
+                                 f"{'model' if key == 'hyper_parameters' else 'data'} is {this}: use the config of the "
+                                 "run that wrote it")
+        saved = checkpoint.get("hyper_parameters", {})
+        differ = {k: (saved[k], v) for k, v in self.model.hparams.items() if k in saved and not k.startswith("_")
+                  and saved[k] != v and not (isinstance(v, dict | list | tuple) or dataclasses.is_dataclass(v))}
+        if differ:
+            rank_zero_info("this run's model arguments differ from the checkpoint's, and are used: "
+                           + ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in differ.items()))
+
     def before_fit(self) -> None:
         """``--ckpt_path last`` resumes from the run directory's newest checkpoint, or starts
         afresh when it has none. A fresh fit into a run directory that holds checkpoints is an
@@ -119,7 +142,10 @@ class VisionZooCLI(LightningCLI):
         newest = self._newest_checkpoint()
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = str(newest) if newest else None
-        elif kwargs.get("ckpt_path") is None and newest is not None:
+            self._check_checkpoint(kwargs["ckpt_path"])
+        elif kwargs.get("ckpt_path") is not None:
+            self._check_checkpoint(kwargs["ckpt_path"])
+        elif newest is not None:
             run_dir = Path(self.trainer.default_root_dir)
             if not kwargs.get("overwrite"):
                 raise FileExistsError(
@@ -166,6 +192,7 @@ class VisionZooCLI(LightningCLI):
                 f"visionzoo {subcommand} of {self.model.method_name} needs the weights to evaluate: --ckpt_path last "
                 "(the run directory's newest checkpoint), --ckpt_path PATH, or --ckpt_path none for the untrained "
                 "model (results.json then marks it untrained)")
+        self._check_checkpoint(kwargs.get("ckpt_path"))
 
     def before_validate(self) -> None:
         self._evaluated_checkpoint("validate")

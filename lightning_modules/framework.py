@@ -19,6 +19,8 @@ concern touches:
 - **The CSV logger** (:class:`AppendingCSVLogger`): ``CSVLogger._experiment`` and ``_fs``,
   ``ExperimentWriter._check_log_dir_exists``, ``metrics_keys`` and ``NAME_HPARAMS_FILE``.
 - **The saved config** (:func:`name_saved_config`): ``SaveConfigCallback.config_filename``.
+- **The command line and checkpoints** (:class:`CommandLineOverCheckpoint`): ``LightningCLI._parse_ckpt_path``,
+  which merges a checkpoint's hyperparameters over the parsed command line.
 - **Checkpoint files** (:func:`read_checkpoint`, :func:`is_local_path`): fabric's
   ``cloud_io._load`` (local or fsspec URL) and ``_is_local_file_protocol``.
 """
@@ -141,6 +143,17 @@ def name_saved_config(trainer: Trainer, filename: str) -> None:
     for callback in trainer.callbacks:
         if isinstance(callback, SaveConfigCallback):
             callback.config_filename = filename
+
+
+class CommandLineOverCheckpoint:
+    """A LightningCLI mixin: the command line and configs decide the model's arguments, not the
+    hyperparameters stored in ``--ckpt_path``'s file (Lightning merges those over the command
+    line, so an explicit checkpoint silently overrode test-time flags, and a checkpoint of
+    another method swapped the model class). ``visionzoo`` checks that the checkpoint is of the
+    same method and benchmark instead."""
+
+    def _parse_ckpt_path(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------- checkpoint files

@@ -267,3 +267,23 @@ def test_last_checkpoint_is_written_every_n_steps_without_validation(tmp_path):
 
     assert torch.load(tmp_path / "with/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "without/checkpoints").exists()
+
+
+def test_an_explicit_checkpoint_keeps_the_command_lines_options_and_another_methods_is_refused(
+        mini_ms1m, tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_mvtec(tmp_path)
+    VisionZooCLI(args=["fit", *args, "--trainer.max_steps", "1"])
+    checkpoint = str(Path("runs/mvtec/msflow/weave/checkpoints/last.ckpt").resolve())
+    with caplog.at_level(logging.INFO):
+        cli = VisionZooCLI(args=["test", *args, "--ckpt_path", checkpoint, "--model.init_args.top_k", "0.5"])
+    assert cli.model.hparams.top_k == 0.5  # Lightning merged the checkpoint's 0.03 over the command line
+    assert "top_k 0.5 (checkpoint: 0.03)" in caplog.text
+    results = json.loads(Path("runs/mvtec/msflow/weave/results.json").read_text())
+    assert results["config"]["model"]["init_args"]["top_k"] == 0.5
+    face = [*_mini_args(CONFIGS / "ms1m/arcface_r50.yaml", mini_ms1m), "--config", str(CONFIGS / "trainer/cpu.yaml")]
+    with pytest.raises(ValueError, match=r"was written by a run of lightning_modules.anomaly.msflow.MSFlow, but this "
+                                         r"run's model is lightning_modules.face.recognizer.MarginSoftmaxRecognizer"):
+        VisionZooCLI(args=["test", *face, "--ckpt_path", checkpoint])
