@@ -1,6 +1,8 @@
 """A NaN loss stops training with a message naming the step, and the last checkpoint keeps
 the last good weights."""
 
+import re
+
 import pytest
 import torch
 from lightning import LightningModule, Trainer
@@ -30,9 +32,35 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp
     trainer = Trainer(max_epochs=1, callbacks=[FiniteLossGuard(), checkpoints], logger=False,
                       enable_progress_bar=False, accelerator="cpu")
     model = _DivergesAtStep(bad_step=3)
-    with pytest.raises(NonFiniteLossError, match="global step 3 .*Last good checkpoint: .*last.ckpt"):
+    with pytest.raises(NonFiniteLossError, match="global step 3 .*last healthy checkpoint: .*last.ckpt"):
         trainer.fit(model, data)
     assert torch.isfinite(model.layer.weight).all()  # the NaN step never reached the weights
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 3
     assert torch.isfinite(saved["state_dict"]["layer.weight"]).all()
+
+
+class _HugeLearningRate(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e30)
+
+
+def test_checkpoints_written_while_diverging_are_not_called_good(tmp_path):
+    """At lr 1e30 the first update makes the weights ~1e29; the loss turns inf/NaN only later."""
+    data = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=4)
+    first = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=-1)
+    trainer = Trainer(max_epochs=1, callbacks=[FiniteLossGuard(), first], logger=False, enable_progress_bar=False,
+                      accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.fit(_HugeLearningRate(), data)
+    message = str(error.value)
+    assert "global step 1" in message and "diverged before the loss turned NaN, not worth resuming" in message
+    assert re.search(r"step=1.ckpt \(loss [\d.]+, largest weight [\d.]+e\+\d\d\)", message)  # finite loss, huge weights
+    assert "no healthy checkpoint" in message
