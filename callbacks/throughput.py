@@ -69,7 +69,7 @@ class Throughput(Callback):
             loss = trainer.callback_metrics.get("train/loss")
             loss_text = f" loss {float(loss):.4g}" if loss is not None else ""
             rank_zero_info(
-                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+                f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} "  # as the Rich bar and metrics.csv count
                 f"batch {batch_idx + 1}/{trainer.num_training_batches} step {trainer.global_step}{loss_text} "
                 f"| {samples_per_second:.1f} samples/s, {step_time * 1000:.0f} ms/step | ETA {_format_duration(eta)}"
             )
@@ -86,4 +86,4 @@ class Throughput(Callback):
         if self.print_lines and not trainer.sanity_checking:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             if metrics:
-                rank_zero_info(f"epoch {trainer.current_epoch + 1} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                rank_zero_info(f"epoch {trainer.current_epoch} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

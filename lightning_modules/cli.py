@@ -45,7 +45,7 @@ from callbacks.run_log import RunCSVLogger, command_file
 from callbacks.throughput import Throughput
 from datamodules.base import VisionZooDataModule
 from lightning_modules.base import VisionZooModule
-from lightning_modules.framework import CommandLineOverCheckpoint, name_saved_config
+from lightning_modules.framework import CommandLineOverCheckpoint, name_saved_config, silence_framework_noise
 
 RUNS_ROOT = Path("runs")
 
@@ -53,10 +53,13 @@ RUNS_ROOT = Path("runs")
 class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         on_terminal = sys.stdout.isatty()
+        silence_framework_noise()
         super().__init__(
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
+            # One optimiser recipe, the method's `optim` (lightning_modules/recipe.py): no --optimizer/--lr_scheduler.
+            auto_configure_optimizers=False,
             # A fixed default seed: a resumed run must reuse its seed (the DDP sampler's order
             # depends on it), and runs are reproducible unless a seed is asked for.
             seed_everything_default=0,

@@ -21,6 +21,9 @@ concern touches:
 - **The saved config** (:func:`name_saved_config`): ``SaveConfigCallback.config_filename``.
 - **The command line and checkpoints** (:class:`CommandLineOverCheckpoint`): ``LightningCLI._parse_ckpt_path``,
   which merges a checkpoint's hyperparameters over the parsed command line.
+- **Noise** (:func:`silence_framework_noise`): the text of Lightning's litlogger/litmodels tips
+  (logger ``lightning.pytorch.utilities.rank_zero``), of its ``srun`` hint, of its ``LeafSpec``
+  deprecation warning, of its eval-mode and empty-validation-list warnings.
 - **Checkpoint files** (:func:`read_checkpoint`, :func:`is_local_path`): fabric's
   ``cloud_io._load`` (local or fsspec URL) and ``_is_local_file_protocol``.
 """
@@ -28,8 +31,10 @@ concern touches:
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pickle
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,6 +159,28 @@ class CommandLineOverCheckpoint:
 
     def _parse_ckpt_path(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------------------------- noise
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def silence_framework_noise() -> None:
+    """Leave out what Lightning prints on every run that does not apply: its tips to install
+    litlogger and litmodels, the ``srun`` hint on a machine that has SLURM but runs no job
+    (inside a job srun is used and the hint never shows), a ``LeafSpec`` deprecation warning of
+    its own code, and two warnings about choices visionzoo makes on purpose."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Modules frozen with nn.backbones.freeze_ are in eval mode on purpose; an empty validation
+    # list is a DataModule's way to skip validation (MVTec with val_fraction 0).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 
 # ------------------------------------------------------------------------- checkpoint files

@@ -287,3 +287,15 @@ def test_an_explicit_checkpoint_keeps_the_command_lines_options_and_another_meth
     with pytest.raises(ValueError, match=r"was written by a run of lightning_modules.anomaly.msflow.MSFlow, but this "
                                          r"run's model is lightning_modules.face.recognizer.MarginSoftmaxRecognizer"):
         VisionZooCLI(args=["test", *face, "--ckpt_path", checkpoint])
+
+
+def test_a_run_prints_no_framework_noise_and_counts_epochs_as_lightning_does(tmp_path):
+    from runner import visionzoo
+
+    result = visionzoo("fit", *_tiny_mvtec(tmp_path), "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+                       "--trainer.default_root_dir", "run", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    for noise in ("💡 Tip", "`srun` command is available", "LeafSpec", "in eval mode at the start of training"):
+        assert noise not in output, noise
+    assert "epoch 0/1 batch 1/" in output and "epoch 1/1 batch" in output  # 0-based, as the Rich bar and metrics.csv
+    assert "epoch 2/" not in output
