@@ -19,6 +19,7 @@ out of the checkpoint file. Instead:
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -45,12 +46,24 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as error:
         partial.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):
+            _raise_if_disk_full(error, path)
         raise
     _fsync_directory(path.parent)  # make the rename itself durable
     for stale in path.parent.glob(f".{path.name}.*.partial"):
         stale.unlink(missing_ok=True)
+
+
+def _raise_if_disk_full(error: BaseException, path: Path) -> None:
+    """A write that failed for want of space says so, naming the file: torch's own error is an
+    ``inline_container.cc`` message whose cause (ENOSPC) is buried in the traceback."""
+    free = shutil.disk_usage(path.parent).free
+    if getattr(error, "errno", None) == errno.ENOSPC or free < (64 << 20) or "No space left" in str(error):
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {path} ({free >> 20} MiB free on its "
+                                    "filesystem); the previous file there is untouched. Free space, or point the run "
+                                    "directory elsewhere (--trainer.default_root_dir)", str(path)) from None
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -117,3 +117,22 @@ def test_a_sharded_checkpoint_read_without_its_folder_says_how_to_load_it(tmp_pa
     _sharded_save(AtomicCheckpointIO(), target, tmp_path, step=1, value=1.0)
     with pytest.raises(ValueError, match="shard files beside it: load it through visionzoo"):
         read_rows(torch.load(target, weights_only=True)[SHARDS], 0, 6)
+
+
+def test_a_full_disk_says_so_naming_the_checkpoint(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+
+    def torch_on_a_full_disk(obj, file, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", torch_on_a_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 0))
+    with pytest.raises(OSError, match=rf"No space left on device while writing {target} \(0 MiB free"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target)["step"] == 1
