@@ -4,7 +4,10 @@ decord seeks to the keyframe before each request and decodes forward, which is f
 sampling. Some files (broken indexes, variable frame rates) make it mis-seek; the ``pyav``
 backend is the way out: it decodes sequentially from the first frame, slower but exact. Both
 return RGB uint8 frames [T, H, W, 3] for any list of frame indices (unsorted, repeated).
-An unreadable file raises :class:`~datamodules.formats.images.CorruptFileError` naming it.
+An unreadable file raises :class:`~datamodules.formats.images.CorruptFileError` naming it, and
+so does a truncated one: a file cut short keeps the frame count its header declares, while the
+demuxer finds fewer frames (a video cut at half its bytes reads as one frame, which clip sampling
+would repeat into a still clip).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ class VideoReader:
             raise ValueError(f"backend must be 'decord' or 'pyav', got {backend!r}")
         if self.num_frames == 0:
             raise CorruptFileError(f"video {self.path} has no frames")
+        declared = self._declared_frames()
+        if self.num_frames < declared - 1:  # one frame of slack for headers that count differently
+            raise CorruptFileError(f"video {self.path} is truncated: its header declares {declared} frames, "
+                                   f"{self.num_frames} can be read")
 
     def __len__(self) -> int:
         return self.num_frames
@@ -64,6 +71,16 @@ class VideoReader:
                 raise CorruptFileError(f"cannot decode frames of {self.path} with decord: {error}") from error
         decoded = self._decode_pyav(max(indices))
         return np.stack([decoded[i] for i in indices])
+
+    def _declared_frames(self) -> int:
+        """The frame count the container's header declares (0 when it declares none)."""
+        import av
+
+        try:
+            with av.open(str(self.path)) as container:
+                return int(container.streams.video[0].frames) if container.streams.video else 0
+        except av.error.FFmpegError:
+            return 0
 
     def _decode_pyav(self, last: int | None) -> list[np.ndarray]:
         """Every frame from the start up to ``last`` (all frames for None) as RGB arrays."""

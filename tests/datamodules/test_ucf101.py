@@ -158,6 +158,20 @@ def test_corrupt_video_is_an_error_naming_it(ucf_copy):
         next(iter(datamodule.test_dataloader()))
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_a_truncated_video_is_corrupt_not_a_still_clip(ucf_copy, backend):
+    """Cut at half its bytes, an AVI still declares all its frames but reads as one; clip
+    sampling would repeat that frame into a still clip."""
+    name = (ucf_copy / "ucfTrainTestlist/testlist01.txt").read_text().splitlines()[0].split()[0]
+    path = ucf_copy / "UCF-101" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match=rf"{path.name} is truncated: its header declares \d+ frames, 1 can be read"):
+        VideoReader(path, backend)
+    datamodule = UCF101DataModule(str(ucf_copy), skip_corrupt=True, test_clips=1, backend=backend, **SMALL_CLIPS)
+    datamodule.setup("test")
+    assert sum(len(b["label"]) for b in datamodule.test_dataloader()) == 35 - 1 and datamodule.num_skipped == 1
+
+
 def test_skip_corrupt_counts_and_leaves_out_or_replaces(ucf_copy):
     _corrupt_one(ucf_copy, "test")
     _corrupt_one(ucf_copy, "train")
