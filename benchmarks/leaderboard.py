@@ -93,7 +93,9 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
         for method, runs in sorted(by_method.items()):
             newest = _newest_per_run(runs)
             for (label, untrained), (run, repeats) in sorted(newest.items()):
-                shown = label + (" (untrained)" if untrained else "") + (f" (newest of {repeats})" if repeats > 1 else "")
+                skipped = run.get("skipped_corrupt") or 0
+                shown = (label + (" (untrained)" if untrained else "") + (f" (newest of {repeats})" if repeats > 1 else "")
+                         + (f" ({skipped} corrupt samples skipped)" if skipped else ""))
                 rows.append([method, shown, *(_cell(run["metrics"].get(n)) for n in names), "visionzoo"])
             trained = {label: run for (label, untrained), (run, _) in newest.items() if not untrained}
             if len(trained) > 1:

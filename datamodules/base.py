@@ -8,7 +8,9 @@ the member, instead of writing to a wrong run directory:
 - ``benchmark``: the ``<benchmark>`` of ``runs/<benchmark>/<method>/<run name>``;
 - ``run_name``: the default ``<run name>`` (the MVTec category, the UCF101 split ...);
 - ``describe()``: what ``results.json`` records about the evaluated data;
-- ``num_skipped``: corrupt samples skipped so far (``skip_corrupt``), 0 when none;
+- ``num_skipped``: corrupt samples skipped so far (``skip_corrupt``), 0 when none; the files
+  left out at setup are listed in ``skipped_files`` (those skipped while loading are found by
+  the evaluation, as the items no rank evaluated);
 - ``eval_set_names(stage)``: the names of the eval sets of ``val`` or ``test``.
 
 Evaluation datasets are served through :class:`EvalSet`, whose items carry ``eval_set`` and
@@ -27,7 +29,8 @@ from torch.utils.data import Dataset
 
 class EvalSet(Dataset):
     """An evaluation dataset whose items (dicts) gain ``eval_set`` = ``name`` and ``index`` = their
-    position; an item that is None (a skipped corrupt sample) stays None."""
+    position; an item that is None (a skipped corrupt sample) stays None. :meth:`item_name` names
+    an item without reading it (its file), for reports of skipped ones."""
 
     def __init__(self, name: str, dataset: Dataset) -> None:
         self.name = name
@@ -40,11 +43,20 @@ class EvalSet(Dataset):
         item = self.dataset[index]
         return None if item is None else {**item, "eval_set": self.name, "index": index}
 
+    def item_name(self, index: int) -> str:
+        """The dataset's ``item_name(index)`` (a file path), else ``<eval set>#<index>``."""
+        name = getattr(self.dataset, "item_name", None)
+        return name(index) if name is not None else f"{self.name}#{index}"
+
 
 class VisionZooDataModule(LightningDataModule, ABC):
     """Base of every benchmark's DataModule (module docstring)."""
 
     benchmark: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped_files: list[str] = []  # corrupt files left out when the data was set up
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

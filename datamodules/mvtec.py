@@ -204,9 +204,10 @@ class MVTecDataModule(VisionZooDataModule):
         if self.skip_corrupt:
             with ThreadPoolExecutor(max_workers=4) as pool:
                 decoded = list(pool.map(self._decoded_size, samples))
-            for result in decoded:
+            for sample, result in zip(samples, decoded):
                 if isinstance(result, CorruptFileError):
                     self.corrupt.skip(result, f"left out of the {split} split of {self.category}")
+                    self.skipped_files.append(str(sample.image))
             sizes = [None if isinstance(result, CorruptFileError) else result for result in decoded]
             kept = [s for s, size in zip(samples, sizes) if size is not None]
         else:

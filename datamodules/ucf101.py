@@ -136,6 +136,9 @@ class EvalClips(_VideoFiles):
     def __len__(self) -> int:
         return len(self.records) * self.clips_per_video
 
+    def item_name(self, i: int) -> str:
+        return str(self.records[i // self.clips_per_video].path)
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         video_index, clip_index = divmod(i, self.clips_per_video)
         record = self.records[video_index]

@@ -52,6 +52,7 @@ class Evaluation:
     def __init__(self, metrics: Sequence[BenchmarkMetric]) -> None:
         self.metrics = list(metrics)
         self.outputs = IndexedOutputs()
+        self.missing: dict[str, list[int]] = {}
 
     def update(self, values: Mapping[str, Any]) -> None:
         """One batch: its fields merged with the method's outputs, with ``eval_set`` and ``index``."""
@@ -68,9 +69,14 @@ class Evaluation:
             rows.update(metric.statistics(**{field: values[field] for field in metric.fields}))
         self.outputs.append(values[EVAL_SET], values[INDEX], **rows)
 
-    def compute(self, across_ranks: bool = True) -> dict[str, float]:
-        """Every metric's values over all items of every rank (each item once)."""
+    def compute(self, across_ranks: bool = True, sizes: Mapping[str, int] | None = None) -> dict[str, float]:
+        """Every metric's values over all items of every rank (each item once). With the eval
+        sets' ``sizes``, the indices that no rank evaluated (corrupt samples skipped) are left in
+        :attr:`missing`."""
         sets = self.outputs.gather(across_ranks)
+        for name, size in (sizes or {}).items():
+            seen = set(sets[name][INDEX].tolist()) if name in sets else set()
+            self.missing[name] = sorted(set(range(size)) - seen)
         results: dict[str, float] = {}
         for metric in self.metrics:
             values = metric.combine(sets)
@@ -178,6 +184,7 @@ class EvaluatedModule(VisionZooModule):
     # ------------------------------------------------------------------------------ the loop
 
     def _start(self, stage: Stage) -> None:
+        self.skipped_items: dict[str, list[str]] = getattr(self, "skipped_items", {})
         self._evaluations = getattr(self, "_evaluations", {})
         self._evaluations[stage] = Evaluation(self.evaluation_metrics(stage))
 
@@ -191,10 +198,16 @@ class EvaluatedModule(VisionZooModule):
     def _end(self, stage: Stage) -> None:
         evaluation = self._evaluations.pop(stage)
         if evaluation.metrics and not self.trainer.sanity_checking:
+            loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+            eval_sets = {loader.dataset.name: loader.dataset for loader in loaders if hasattr(loader.dataset, "item_name")}
+            results = evaluation.compute(sizes={name: len(dataset) for name, dataset in eval_sets.items()})
             # Every rank combines the same gathered items, so every rank logs the same values; as
             # float64 tensors, which Lightning keeps (a Python float is logged in float32).
-            values = {f"{stage}/{key}": torch.tensor(value, dtype=torch.float64) for key, value in evaluation.compute().items()}
-            self.log_dict(values, sync_dist=False)
+            self.log_dict({f"{stage}/{key}": torch.tensor(value, dtype=torch.float64) for key, value in results.items()},
+                          sync_dist=False)
+            self.skipped_items[stage] = sorted({eval_sets[name].item_name(i) for name, missing in evaluation.missing.items()
+                                                for i in missing})
 
     def on_validation_epoch_start(self) -> None:
         self._start("val")

@@ -302,3 +302,22 @@ def test_linear_probe_and_retrieval_of_a_pretrained_backbone_beat_chance(mini_uc
     print(f"linear probe {probe_metrics}, retrieval {retrieval_metrics}, {elapsed:.0f} s")
     assert probe_metrics["video_top1"] >= 0.45, probe_metrics
     assert retrieval_metrics["R@1"] >= 0.4, retrieval_metrics
+
+
+def test_corrupt_videos_skipped_at_test_time_are_named_in_results_and_marked_on_the_leaderboard(
+        mini_ucf101, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "ucf101"
+    shutil.copytree(mini_ucf101, root)
+    name = (root / "ucfTrainTestlist/testlist01.txt").read_text().splitlines()[3].split()[0]
+    corrupt = root / "UCF-101" / name
+    corrupt.write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    monkeypatch.chdir(tmp_path)
+    args = [*_config_args("retrieval", root), *TINY_CLIPS, "--data.init_args.test_clips", "1",
+            "--data.init_args.skip_corrupt", "true"]
+    VisionZooCLI(args=["test", *args])
+    results = json.loads(Path("runs/ucf101/retrieval/split1/results.json").read_text())
+    assert results["skipped_corrupt"] == 1 and results["skipped_items"] == [str(corrupt)]
+    rows = leaderboard.leaderboard_rows(leaderboard.collect_results(Path("runs")), {})["ucf101"][1]
+    assert rows[0][1] == "split1 (1 corrupt samples skipped)"
