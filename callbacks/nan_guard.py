@@ -71,7 +71,7 @@ class FiniteLossGuard(Callback):
             path, health = healthy[0]
             found.append(f"last healthy checkpoint: {path} (loss {health['loss']:.4g}, largest weight "
                          f"{health['max_abs_weight']:.3g}). Its optimizer state and learning-rate schedule carry the "
-                         "rate that diverged: resumed as it is, the run continues with it; lower the rate in a new run")
+                         "rate that diverged: resume it with a lower --model.init_args.optim.lr and --restart_lr_schedule true")
         else:
             found.append("no healthy checkpoint")
         return "Checkpoints: " + "; ".join(found) + "."

@@ -162,3 +162,25 @@ class LastCheckpointEvery(Callback):
         if self.steps and step % self.steps == 0 and step != self._saved_at:  # once per step under accumulation
             self._saved_at = step
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+
+
+class RestartLearningRateSchedule(Callback):
+    """``visionzoo fit --ckpt_path ... --restart_lr_schedule true``: resume the weights, the
+    optimizer's momentum and the data position, but not the learning-rate schedule, which starts
+    again from its first step with the config's recipe (a checkpoint's optimizer state and
+    schedule carry the learning rate it was trained with, so a resume would otherwise continue
+    with the rate that, say, diverged). The resumed run is then not exact."""
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Loaded into the recipe's LambdaLR, a state of only its (unset) lambdas changes nothing:
+        # the schedulers keep the rates the config's recipe gave them, from its first step.
+        checkpoint["lr_schedulers"] = [{"lr_lambdas": [None] * len(state.get("lr_lambdas", []))}
+                                       for state in checkpoint.get("lr_schedulers", [])]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The optimizer's groups were restored with the checkpoint's rates: set the recipe's."""
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        rank_zero_info("restart_lr_schedule: the learning-rate schedule starts again from the config's recipe")

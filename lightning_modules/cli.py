@@ -40,7 +40,7 @@ from callbacks.nan_guard import FiniteLossGuard
 from callbacks.predictions import PredictionFiles
 from callbacks.preemption import CheckpointOnSignal
 from callbacks.results import ResultsWriter
-from callbacks.resume import LastCheckpointEvery, ResumeState
+from callbacks.resume import LastCheckpointEvery, RestartLearningRateSchedule, ResumeState
 from callbacks.run_log import RunCSVLogger, command_file
 from callbacks.throughput import Throughput
 from datamodules.base import VisionZooDataModule
@@ -91,6 +91,13 @@ class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
             default=500,
             help="fit: also write checkpoints/last.ckpt every N optimizer steps, whatever the validation schedule "
             "(0: only after validation, Lightning's default).",
+        )
+        parser.add_argument(
+            "--restart_lr_schedule",
+            type=bool,
+            default=False,
+            help="fit --ckpt_path: resume weights, momentum and data position, but start the learning-rate schedule "
+            "again from the config's recipe (the checkpoint's carries the rate it was trained with).",
         )
         parser.add_argument(
             "--overwrite",
@@ -219,6 +226,8 @@ class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
             callbacks.append(ModelCheckpoint(save_last=True))
             callbacks.append(LastCheckpointEvery(config.get("checkpoint_every_n_steps", 0)))
         callbacks.append(ResultsWriter(config=config.clone().as_dict()))
+        if config.get("restart_lr_schedule"):
+            callbacks.append(RestartLearningRateSchedule())
         if self.subcommand == "predict" and not any(isinstance(c, PredictionFiles) for c in callbacks):
             callbacks.append(PredictionFiles())
         trainer.callbacks = callbacks

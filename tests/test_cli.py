@@ -299,3 +299,17 @@ def test_a_run_prints_no_framework_noise_and_counts_epochs_as_lightning_does(tmp
         assert noise not in output, noise
     assert "epoch 0/1 batch 1/" in output and "epoch 1/1 batch" in output  # 0-based, as the Rich bar and metrics.csv
     assert "epoch 2/" not in output
+
+
+def test_restart_lr_schedule_resumes_with_the_configs_learning_rate(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*_tiny_mvtec(tmp_path), "--data.init_args.batch_size", "1", "--checkpoint_every_n_steps", "2",
+            "--model.init_args.optim.warmup_epochs", "0"]
+    VisionZooCLI(args=["fit", *args, "--trainer.max_steps", "2"])
+    plain = VisionZooCLI(args=["fit", *args, "--trainer.max_steps", "3", "--ckpt_path", "last",
+                               "--model.init_args.optim.lr", "1e-5"])
+    assert plain.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(1e-3)  # the checkpoint's
+    resumed = VisionZooCLI(args=["fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last",
+                                 "--model.init_args.optim.lr", "1e-5", "--restart_lr_schedule", "true"])
+    assert resumed.trainer.global_step == 4
+    assert resumed.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(1e-5)
