@@ -15,6 +15,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_modules.framework import mark_step_checkpointed
+
 
 def next_hpc_checkpoint(run_dir: Path) -> Path:
     """``hpc_ckpt_<n+1>.ckpt`` in ``run_dir``: the name Lightning resumes from when a SLURM job
@@ -74,6 +76,7 @@ class CheckpointOnSignal(Callback):
         self.checkpoint = next_hpc_checkpoint(Path(trainer.default_root_dir))
         rank_zero_info(f"{self.stopped_by.name} received: saving {self.checkpoint} at global step {trainer.global_step}")
         trainer.save_checkpoint(self.checkpoint)
+        mark_step_checkpointed(trainer, str(self.checkpoint))  # no last.ckpt after it, at the stopped epoch's end
         trainer.should_stop = True
         job = os.environ.get("SLURM_JOB_ID")
         if self.stopped_by == signal.SIGUSR1 and trainer.is_global_zero and job:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules.framework import logged_step, restore_train_position
@@ -145,23 +146,19 @@ class ResumeState(Callback):
         restore_train_position(trainer, states, self._epoch)
 
 
-class LastCheckpointEvery(Callback):
+class LastCheckpointEvery(ModelCheckpoint):
     """Writes ``<run dir>/checkpoints/last.ckpt`` every ``steps`` optimizer steps, whatever the
-    validation schedule: Lightning's ModelCheckpoint saves after validation only, so a run that
-    validates every few epochs lost everything before its first validation when interrupted.
-    ``visionzoo --checkpoint_every_n_steps N`` (a config key too; 0 turns it off)."""
+    validation schedule: Lightning's default ModelCheckpoint saves after validation only, so a
+    run that validates every few epochs lost everything before its first validation when
+    interrupted. ``visionzoo --checkpoint_every_n_steps N`` (a config key too; 0 turns it off).
+    A ModelCheckpoint, so that Lightning runs it after every other callback of the batch, whose
+    states the checkpoint must hold as they are at the end of the step."""
 
     def __init__(self, steps: int) -> None:
         if steps < 0:
             raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0: off), got {steps}")
-        self.steps = steps
-        self._saved_at = -1
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.steps and step % self.steps == 0 and step != self._saved_at:  # once per step under accumulation
-            self._saved_at = step
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+        super().__init__(every_n_train_steps=steps or None, save_top_k=0, save_last=bool(steps),
+                         enable_version_counter=False)
 
 
 class RestartLearningRateSchedule(Callback):

@@ -223,7 +223,8 @@ class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
             trainer.logger = RunCSVLogger(trainer.default_root_dir, command)
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_checkpointing is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(save_last=True))
+            # Both write last.ckpt itself (no last-v1.ckpt beside it): the newest state is always there.
+            callbacks.append(ModelCheckpoint(save_last=True, enable_version_counter=False))
             callbacks.append(LastCheckpointEvery(config.get("checkpoint_every_n_steps", 0)))
         callbacks.append(ResultsWriter(config=config.clone().as_dict()))
         if config.get("restart_lr_schedule"):

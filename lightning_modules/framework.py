@@ -18,12 +18,16 @@ concern touches:
   ``_main_snapshot`` → ``_sampler_iter_yielded``.
 - **The CSV logger** (:class:`AppendingCSVLogger`): ``CSVLogger._experiment`` and ``_fs``,
   ``ExperimentWriter._check_log_dir_exists``, ``metrics_keys`` and ``NAME_HPARAMS_FILE``.
+- **Checkpoint callbacks** (:func:`mark_step_checkpointed`): ``ModelCheckpoint._last_global_step_saved``
+  and ``_last_checkpoint_saved``, by which a ModelCheckpoint skips a step that has a checkpoint
+  and its ``save_last`` at train end.
 - **The saved config** (:func:`name_saved_config`): ``SaveConfigCallback.config_filename``.
 - **The command line and checkpoints** (:class:`CommandLineOverCheckpoint`): ``LightningCLI._parse_ckpt_path``,
   which merges a checkpoint's hyperparameters over the parsed command line.
 - **Noise** (:func:`silence_framework_noise`): the text of Lightning's litlogger/litmodels tips
   (logger ``lightning.pytorch.utilities.rank_zero``), of its ``srun`` hint, of its ``LeafSpec``
-  deprecation warning, of its eval-mode and empty-validation-list warnings.
+  deprecation warning, of its eval-mode, empty-validation-list and used-checkpoint-directory
+  warnings.
 - **Checkpoint files** (:func:`read_checkpoint`, :func:`is_local_path`): fabric's
   ``cloud_io._load`` (local or fsspec URL) and ``_is_local_file_protocol``.
 """
@@ -76,6 +80,16 @@ def is_last_batch(trainer: Trainer) -> bool:
 def logged_step(trainer: Trainer) -> int:
     """The ``step`` that Lightning's loggers write for rows logged now."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def mark_step_checkpointed(trainer: Trainer, path: str) -> None:
+    """Tell every ModelCheckpoint that the current global step has its checkpoint (``path``), so
+    none saves again before training ends. After a stop in the middle of an epoch Lightning still
+    runs the epoch-end and train-end hooks, and a ``last.ckpt`` saved there reads, on resume, as
+    the end of the epoch: the rest of the epoch's batches would be skipped."""
+    for callback in trainer.checkpoint_callbacks:
+        callback._last_global_step_saved = trainer.global_step  # no save at epoch or validation end
+        callback._last_checkpoint_saved = path  # no save_last at train end
 
 
 # ---------------------------------------------------------------------- data-position restore
@@ -173,7 +187,7 @@ def silence_framework_noise() -> None:
     """Leave out what Lightning prints on every run that does not apply: its tips to install
     litlogger and litmodels, the ``srun`` hint on a machine that has SLURM but runs no job
     (inside a job srun is used and the hint never shows), a ``LeafSpec`` deprecation warning of
-    its own code, and two warnings about choices visionzoo makes on purpose."""
+    its own code, and three warnings about choices visionzoo makes on purpose."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -181,6 +195,8 @@ def silence_framework_noise() -> None:
     # list is a DataModule's way to skip validation (MVTec with val_fraction 0).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # A fit into a used run directory is refused unless it resumes (--ckpt_path last) or --overwrite.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # ------------------------------------------------------------------------- checkpoint files

@@ -66,6 +66,31 @@ def test_fit_loop_helpers_report_the_last_batch_the_logged_step_and_build_the_lo
     assert [step for *_, step in model.seen] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+
+class _StopsMidEpoch(_Probe):
+    """Stops training after its second batch of four, as a signal does, marking that step saved
+    or not."""
+
+    def __init__(self, mark: bool) -> None:
+        super().__init__()
+        self.mark = mark
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            if self.mark:
+                framework.mark_step_checkpointed(self.trainer, "elsewhere.ckpt")
+            self.trainer.should_stop = True
+
+
+@pytest.mark.parametrize("mark", [False, True])
+def test_a_step_marked_checkpointed_gets_no_epoch_end_checkpoint_after_a_mid_epoch_stop(tmp_path, mark):
+    trainer = lightning.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path,
+                                callbacks=[lightning.pytorch.callbacks.ModelCheckpoint(tmp_path, save_last=True)])
+    trainer.fit(_StopsMidEpoch(mark), DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2))
+    assert trainer.global_step == 2
+    assert (tmp_path / "last.ckpt").exists() is not mark  # unmarked, Lightning saves the stopped epoch as ended
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_stateful_loader_state_keeps_the_position_where_the_restore_reads_it(num_workers):
     loader = StatefulDataLoader(TensorDataset(torch.arange(6.0)), batch_size=2, num_workers=num_workers)
