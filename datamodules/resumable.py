@@ -70,14 +70,16 @@ def loader_options(batch_size: int, num_workers: int) -> dict[str, Any]:
 def resumable_train_loader(
     dataset: Dataset, trainer: Trainer | None, drop_last: bool, **loader_options: Any
 ) -> StatefulDataLoader:
-    """A shuffling ``StatefulDataLoader`` over this rank's share of ``dataset``.
+    """A shuffling ``StatefulDataLoader`` over this rank's share of ``dataset``, or over all of it
+    when the method does not shard its training data (``VisionZooModule.shards_training_data``).
 
     The order is a ``DistributedSampler``'s (one replica without a trainer or DDP): a function
     of the run's seed and the epoch only, which Lightning keeps (it does not replace a
     ``DistributedSampler``) and sets each epoch; a resumed loader fast-forwards through it.
     Worker seeds come from a generator of their own; ``loader_options`` go to the loader.
     """
-    world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sharded = trainer is not None and getattr(trainer.lightning_module, "shards_training_data", True)
+    world_size, rank = (trainer.world_size, trainer.global_rank) if sharded else (1, 0)
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=torch.initial_seed(), drop_last=drop_last
     )

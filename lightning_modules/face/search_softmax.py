@@ -4,30 +4,44 @@ arXiv 2007.06542): the margin is searched, not designed.
 Every margin softmax lowers the target probability p; LFS writes the modulated probability as
 p' = p / (α·p + 1 − α), α = a·e^{s/3}, a ≤ 0, and searches a by REINFORCE
 (:mod:`lightning_modules.nn.loss_search`, :class:`~lightning_modules.nn.margins.SearchSoftmaxHead`).
-As in the authors' ``loss_func_search.py``, the search is a population over the ranks:
+As in the authors' ``main.py`` and ``loss_func_search.py``, the search is a population over
+the ranks:
 
-1. Each rank is a search worker and trains its own copy of the model (no gradient averaging
-   across ranks) on its share of the data, with a plain normalised FC head over all classes
-   (s·cos; the README recommends it while searching).
-2. From the second epoch on, each worker draws its own a = −|x|, x ~ π, at the start of every
-   epoch.
-3. From the third epoch on, at the end of each epoch every worker measures its verification
-   accuracy on the reward set (LFW) over all pairs; the accuracies are gathered, the best
-   worker's weights and optimizer state are copied to all workers, and the policy takes one
-   REINFORCE step on the normalised rewards (its gradient summed over the workers).
+1. Each rank is a search worker: it trains its own copy of the model (no gradient averaging
+   across ranks) on the **whole** training set every epoch, in the order every worker shares
+   (the authors' ``LMDBDistributeSampler`` ignores the rank), with a plain normalised FC head
+   over all classes (s·cos; the README recommends it while searching).
+2. Until the first draw every worker uses a = −1 (the authors' initial ``a``). From epoch 2
+   (0-based, ``first_sampled_epoch``; the authors' ``epoch >= 2``) each worker draws its own
+   a = −|x|, x ~ π, at the start of every epoch.
+3. From epoch 2 (``first_rewarded_epoch``; the authors' ``epoch + 1 >= 3``), at the end of each
+   epoch every worker measures its verification accuracy on the reward set (LFW) over all
+   pairs; the accuracies are gathered, the best worker's weights and buffers are copied to all
+   workers, and the policy takes one REINFORCE step on the normalised rewards, its gradient
+   averaged over the workers.
 
-So after every rewarded epoch all ranks hold the same model, and Lightning's validation and
-checkpoints see that model. After the unrewarded second epoch the ranks differ and that
-epoch's ``val/*`` mixes their embeddings. Defaults from the authors' ``main.py`` (method
-card §3): s = 32, σ = 0.2, policy Adam lr 0.05 betas (0.5, 0.999), SGD lr 0.1 momentum 0.9
-weight decay 1e-4, 20 epochs, lr x0.1 at epochs 4, 8, 10; each of their workers was 4 GPUs,
-here it is one rank. Only the ``global`` search (one a) is implemented.
+So after every rewarded epoch all ranks hold the same weights, and Lightning's validation and
+checkpoints see them. Defaults from the authors' ``main.py`` (method card §3): s = 32, σ = 0.2,
+policy Adam lr 0.05 betas (0.5, 0.999), SGD lr 0.1 momentum 0.9 weight decay 1e-4, 20 epochs,
+lr x0.1 at epochs 4, 8, 10.
+
+Deviations from the authors' code:
+
+- Each of their workers was 4 GPUs (DataParallel); here it is one rank.
+- The workers start from the same weights and draw the same augmentations (``seed_everything``),
+  where the authors' unseeded processes differ in both: here the workers differ by their a
+  only, and are identical until the first draw.
+- Only the ``global`` search (one a) is implemented, so the policy has one Gaussian (the
+  authors' nine others never reach the global loss).
+- Options, off by default: ``first_mean_gradient: straight_through`` lets μ₀ move (the authors'
+  ReLU keeps it at 0); ``copy_optimizer_state: true`` copies the best worker's momentum with its
+  weights (the authors copy the ``state_dict`` only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -48,6 +62,7 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
     """Search workers over the ranks, each with its own a (see the module docstring)."""
 
     method_name = "search_softmax"
+    shards_training_data = False  # every worker trains on the whole set (step 1)
 
     def __init__(
         self,
@@ -60,11 +75,13 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         weights: str | None = None,
         sigma: float = 0.2,
         policy_lr: float = 0.05,
-        first_sampled_epoch: int = 1,
+        first_mean_gradient: Literal["relu", "straight_through"] = "relu",
+        first_sampled_epoch: int = 2,
         first_rewarded_epoch: int = 2,
+        copy_optimizer_state: bool = False,
         reward_set: str | None = None,
         optim: OptimizerRecipe = OptimizerRecipe(
-            lr=0.1, weight_decay=1e-4, decay_norm_and_bias=False, schedule="step", milestones=(4, 8, 10)
+            lr=0.1, weight_decay=1e-4, schedule="step", milestones=(4, 8, 10)
         ),
         seed: int = 0,
     ) -> None:
@@ -75,10 +92,10 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         self.save_hyperparameters(ignore=["head"])
         self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
         self.centres = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
-        self.head = head if head is not None else SearchSoftmaxHead(s=32.0, a=0.0)  # a until the first draw
-        self.policy = GaussianLossPolicy(num_parameters=1, sigma=sigma)
+        self.head = head if head is not None else SearchSoftmaxHead(s=32.0, a=-1.0)  # a until the first draw
+        self.policy = GaussianLossPolicy(num_parameters=1, sigma=sigma, first_mean_gradient=first_mean_gradient)
         self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=policy_lr, betas=(0.5, 0.999))
-        self._sample: Tensor | None = None  # this worker's draw x of the epoch (a = −|x|)
+        self._action: Tensor | None = None  # this worker's a = −|x| of the epoch
 
     def configure_model(self) -> None:
         """Workers train independently: DDP averages only the policy (whose gradient in a
@@ -106,8 +123,8 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         if self.current_epoch >= self.hparams.first_sampled_epoch:
             rank, _ = world_info()
             generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch * 1009 + rank)
-            self._sample = self.policy.sample(generator)
-            self.head.a = float(self.policy.search_parameters(self._sample)[0])
+            self._action = self.policy.search_parameters(self.policy.sample(generator))
+            self.head.a = float(self._action[0])
         self.log("search/a", self.head.a, sync_dist=False, rank_zero_only=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -120,23 +137,28 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
                           on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
     def search_step(self, accuracy: float, optimizers: list[torch.optim.Optimizer]) -> Tensor:
-        """Gather every worker's reward accuracy, copy the best worker's model and optimizer state
-        to all, and take one REINFORCE step of the policy. Returns the accuracies by rank."""
+        """Gather every worker's reward accuracy, copy the best worker's weights and buffers (and
+        with ``copy_optimizer_state`` its optimizer state) to all, and take one REINFORCE step of
+        the policy. Returns the accuracies by rank."""
         rank, world_size = world_info()
         accuracies = all_gather(torch.tensor([accuracy], device=self.device)).cpu()
         broadcast_(self._worker_state(optimizers), src=int(accuracies.argmax()))
         rewards = normalised_rewards(accuracies.double()).float()
         self.policy_optimizer.zero_grad()
-        (-self.policy.log_prob(self._sample) * rewards[rank]).backward()
+        (-self.policy.log_prob(self._action) * rewards[rank]).backward()
         if world_size > 1:
             dist.all_reduce(self.policy.mu.grad)
+            self.policy.mu.grad /= world_size
         self.policy_optimizer.step()
         return accuracies
 
     def _worker_state(self, optimizers: list[torch.optim.Optimizer]) -> list[Tensor]:
-        """Every tensor that makes a worker: weights, buffers and the optimizer state, in a fixed order."""
+        """The tensors copied from the best worker, in a fixed order: weights and buffers, and
+        the optimizer state with ``copy_optimizer_state``."""
         tensors = [p for name, p in self.named_parameters() if not name.startswith("policy.")]
         tensors += [b for _, b in self.named_buffers()]
+        if not self.hparams.copy_optimizer_state:
+            return tensors
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -163,10 +185,10 @@ class SearchSoftmaxRecognizer(FaceRecognitionModule):
         return evaluation.compute(across_ranks=False)[f"{name}_acc"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["search"] = {"a": self.head.a, "sample": self._sample, "policy_optimizer": self.policy_optimizer.state_dict()}
+        checkpoint["search"] = {"a": self.head.a, "action": self._action, "policy_optimizer": self.policy_optimizer.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "search" in checkpoint:
             self.head.a = checkpoint["search"]["a"]
-            self._sample = checkpoint["search"]["sample"]
+            self._action = checkpoint["search"]["action"]
             self.policy_optimizer.load_state_dict(checkpoint["search"]["policy_optimizer"])
