@@ -207,6 +207,9 @@ class MS1MDataModule(VisionZooDataModule):
     folder ``folder`` (default ``root``) when it has identity sub-folders.
     ``sampling="identity_pairs"`` makes an epoch one pass over the identities, each as two of
     its images (:class:`IdentityPairDataset`, for SST); ``batch_size`` then counts identities.
+    ``batch_size_scope="global"`` makes ``batch_size`` the batch of one optimizer step over all
+    ranks, divided over them (SST's authors trained one DataParallel batch of 128); by default it
+    is each rank's.
     ``predict_root``: a folder of aligned faces (``.jpg``/``.jpeg``/``.png`` at any depth, resized
     to 112x112) that ``visionzoo predict`` embeds as the eval set ``predict``; without it, predict
     embeds the verification sets. ``root`` stays the training data's, which sizes the head.
@@ -221,6 +224,7 @@ class MS1MDataModule(VisionZooDataModule):
         train_format: Literal["auto", "recordio", "folder"] = "auto",
         folder: Optional[str] = None,
         batch_size: int = 128,
+        batch_size_scope: Literal["rank", "global"] = "rank",
         num_workers: int = 4,
         skip_corrupt: bool = False,
         horizontal_flip: bool = True,
@@ -238,7 +242,10 @@ class MS1MDataModule(VisionZooDataModule):
         if val_sets is None:
             val_sets = [name for name in DEFAULT_VAL_SETS if self._bin_path(name).is_file()]
         self.val_set_names: list[str] = list(val_sets)
+        if batch_size_scope not in ("rank", "global"):
+            raise ValueError(f"data.batch_size_scope must be 'rank' or 'global', got {batch_size_scope!r}")
         self.batch_size = batch_size
+        self.batch_size_scope = batch_size_scope
         self.num_workers = num_workers
         self.skip_corrupt = skip_corrupt
         self.horizontal_flip = horizontal_flip
@@ -391,7 +398,19 @@ class MS1MDataModule(VisionZooDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled, last partial batch dropped, resumable mid-epoch."""
         dataset = self._identity_pairs() if self.sampling == "identity_pairs" else self._train_dataset()
-        return resumable_train_loader(dataset, self.trainer, drop_last=True, **loader_options(self.batch_size, self.num_workers))
+        return resumable_train_loader(dataset, self.trainer, drop_last=True,
+                                      **loader_options(self.rank_batch_size, self.num_workers))
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Each rank's training batch: ``batch_size``, or its share of it with ``batch_size_scope="global"``."""
+        if self.batch_size_scope == "rank" or self.trainer is None:
+            return self.batch_size
+        world_size = self.trainer.world_size
+        if self.batch_size % world_size:
+            raise ValueError(f"data.batch_size={self.batch_size} is the global batch (data.batch_size_scope: global) "
+                             f"and must divide over the {world_size} ranks")
+        return self.batch_size // world_size
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per verification set, in the order of :attr:`val_set_names`."""

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from benchmarks.metrics.base import BenchmarkMetric
 from lightning_modules.distributed.comm import all_gather_objects
 from lightning_modules.distributed.indexed_outputs import INDEX, IndexedOutputs
+from lightning_modules.framework import unscale_gradients
 from lightning_modules.recipe import OptimizerRecipe
 
 Stage = Literal["val", "test"]
@@ -94,6 +95,9 @@ class VisionZooModule(LightningModule):
     validation loop for it."""
 
     method_name: str
+    #: Whether each rank trains on its share of the training set (data parallel). ``False``: every
+    #: rank iterates the whole set each epoch, in the same order (Search-Softmax's search workers).
+    shards_training_data: bool = True
 
     def train(self, mode: bool = True) -> VisionZooModule:
         """Modules frozen with :func:`~lightning_modules.nn.backbones.freeze_` stay in eval mode."""
@@ -123,6 +127,19 @@ class VisionZooModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.recipe.configure(self.trainer, self.optimizer_parameter_groups(), self.method_name)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's ``gradient_clip_val`` (all parameters), then the recipe's
+        ``backbone_grad_clip_norm`` (the ``backbone`` module's parameters only)."""
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        limit = self.recipe.backbone_grad_clip_norm if "optim" in self.hparams else None
+        if limit is not None:
+            backbone = getattr(self, "backbone", None)
+            if not isinstance(backbone, nn.Module):
+                raise TypeError(f"optim.backbone_grad_clip_norm: {type(self).__name__} has no backbone module to clip")
+            unscale_gradients(self.trainer, optimizer)
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), limit)
 
     def after_optimizer_step(self) -> None:
         """Work that follows each optimizer step (a momentum encoder's EMA update): called once

@@ -21,6 +21,9 @@ concern touches:
 - **Checkpoint callbacks** (:func:`mark_step_checkpointed`): ``ModelCheckpoint._last_global_step_saved``
   and ``_last_checkpoint_saved``, by which a ModelCheckpoint skips a step that has a checkpoint
   and its ``save_last`` at train end.
+- **Mixed precision** (:func:`unscale_gradients`): the ``scaler`` of Lightning's
+  ``MixedPrecision`` plugin, and ``_step_supports_amp_scaling``, by which Lightning and torch's
+  GradScaler leave a fused optimizer's gradients scaled until its step.
 - **The saved config** (:func:`name_saved_config`): ``SaveConfigCallback.config_filename``.
 - **The command line and checkpoints** (:class:`CommandLineOverCheckpoint`): ``LightningCLI._parse_ckpt_path``,
   which merges a checkpoint's hyperparameters over the parsed command line.
@@ -51,6 +54,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # ------------------------------------------------------------------------------------- DDP
@@ -90,6 +94,15 @@ def mark_step_checkpointed(trainer: Trainer, path: str) -> None:
     for callback in trainer.checkpoint_callbacks:
         callback._last_global_step_saved = trainer.global_step  # no save at epoch or validation end
         callback._last_checkpoint_saved = path  # no save_last at train end
+
+
+def unscale_gradients(trainer: Trainer, optimizer: Optimizer) -> None:
+    """Make the gradients of ``optimizer`` their true values before a clip reads them. Under
+    ``16-mixed`` Lightning unscales them before clipping, except for a fused optimizer, which
+    unscales inside its step: unscale those here (the GradScaler then tells the step)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
 
 
 # ---------------------------------------------------------------------- data-position restore

@@ -58,8 +58,9 @@ class OptimizerRecipe:
     """The optimizer, its learning rate and schedule (module docstring).
 
     ``lr``: peak rate, for a global batch of ``lr_batch_size`` samples (``None``: as given).
-    ``optimizer``: SGD (``momentum``, ``nesterov``) or Adam; both torch's fused implementations
-    (one pass over each parameter and its state, which matters for millions of class centres).
+    ``optimizer``: SGD (``momentum``, ``nesterov``) or Adam, both torch's fused implementations
+    (one pass over each parameter and its state, which matters for millions of class centres),
+    or RMSprop (``rmsprop_alpha``, the smoothing constant: torch's 0.99; Keras' ``rho`` is 0.9).
     ``weight_decay``: L2 decay, not on normalisation layers, PReLU and biases when
     ``decay_norm_and_bias`` is false (insightface).
     ``schedule``: ``cosine``, ``polynomial`` (``power``) or ``constant`` from the peak down to
@@ -67,11 +68,14 @@ class OptimizerRecipe:
     Warm-up: linear from ``warmup_start_factor`` × peak over ``warmup_epochs`` epochs or over
     ``warmup_fraction`` of the run (one of the two).
     ``interval``: the schedule moves every optimizer ``step`` or every ``epoch``.
+    ``backbone_grad_clip_norm``: the L2 norm of the backbone's gradient is clipped to this before
+    each step (arcface_torch's ``clip_grad_norm_(backbone.parameters(), 5)``; after DDP's
+    all-reduce and AMP's unscaling); ``None``: no clipping.
     """
 
     lr: float
     lr_batch_size: int | None = None
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "rmsprop"] = "sgd"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -85,6 +89,8 @@ class OptimizerRecipe:
     warmup_fraction: float = 0.0
     warmup_start_factor: float = 0.0
     interval: Literal["step", "epoch"] = "step"
+    backbone_grad_clip_norm: float | None = None
+    rmsprop_alpha: float = 0.99
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(self.milestones))  # a list where read from YAML
@@ -106,8 +112,12 @@ class OptimizerRecipe:
             problems.append(f"milestones must be increasing epochs, got {list(self.milestones)}")
         if self.milestones and self.schedule != "step":
             problems.append(f"milestones are for schedule: step, not {self.schedule}")
+        if self.optimizer not in ("sgd", "adam", "rmsprop"):
+            problems.append(f"optimizer must be sgd, adam or rmsprop, got {self.optimizer!r}")
         if self.weight_decay < 0 or self.momentum < 0:
             problems.append(f"weight_decay and momentum must be >= 0, got {self.weight_decay} and {self.momentum}")
+        if self.backbone_grad_clip_norm is not None and not self.backbone_grad_clip_norm > 0:
+            problems.append(f"backbone_grad_clip_norm must be positive or null, got {self.backbone_grad_clip_norm}")
         if problems:
             raise ValueError("model.init_args.optim: " + "; ".join(problems))
 
@@ -144,8 +154,10 @@ class OptimizerRecipe:
         lr = self.lr * self.scale(trainer, method)
         if self.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=lr, momentum=self.momentum, nesterov=self.nesterov, fused=True)
-        else:
+        elif self.optimizer == "adam":
             optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
+        else:
+            optimizer = torch.optim.RMSprop(groups, lr=lr, alpha=self.rmsprop_alpha)
         epochs = max(1, trainer.max_epochs or 1)
         total = epochs if self.interval == "epoch" else int(trainer.estimated_stepping_batches)
         per_epoch = total / epochs

@@ -21,11 +21,12 @@ over all ranks (the model-parallel softmax of insightface's ``arcface_torch``).
    embeddings of the image and of its horizontal flip are summed, then the 10-fold accuracy
    of each ``.bin`` pair set.
 
-Recipe defaults (arcface_torch ``configs/base.py``, the method cards): SGD, momentum 0.9, weight
-decay 5e-4 (none on BatchNorm, biases and PReLU), lr 0.1, 2 warm-up epochs then a polynomial
-(power 2) decay (``optim``, :class:`~lightning_modules.recipe.OptimizerRecipe`). The polynomial
-decay is UNVERIFIED for the papers; ``optim.schedule: step`` with ``optim.milestones`` gives the
-older step schedules (CurricularFace: x0.1 at 10, 18, 22).
+Recipe defaults, the current arcface_torch (``configs/base.py``, ``train_v2.py``; method card
+§0): SGD, momentum 0.9, weight decay 5e-4 on every parameter, lr 0.1, no warm-up, a linear
+(polynomial of power 1) decay, the backbone's gradient norm clipped at 5 (``optim``,
+:class:`~lightning_modules.recipe.OptimizerRecipe`). The polynomial decay is UNVERIFIED for the
+papers; ``optim.schedule: step`` with ``optim.milestones`` gives the older step schedules
+(CurricularFace: x0.1 at 10, 18, 22, no decay on BatchNorm, biases and PReLU).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         weights: str | None = None,
         softmax_options: SoftmaxOptions = SoftmaxOptions(),
         optim: OptimizerRecipe = OptimizerRecipe(
-            lr=0.1, weight_decay=5e-4, decay_norm_and_bias=False, schedule="polynomial", warmup_epochs=2.0
+            lr=0.1, weight_decay=5e-4, schedule="polynomial", power=1.0, backbone_grad_clip_norm=5.0
         ),
         seed: int = 0,
     ) -> None:
@@ -74,7 +75,11 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
 
     @property
     def method_name(self) -> str:
-        return self.head.name
+        """The head's name, ``knn_softmax`` with KNN class selection, ``<head>_partial_fc`` with
+        Partial FC: runs of different class selections never share a run directory."""
+        if self.softmax_options.knn_neighbours:
+            return "knn_softmax"
+        return f"{self.head.name}_partial_fc" if self.softmax_options.sample_rate < 1.0 else self.head.name
 
     def configure_model(self) -> None:
         """Build this rank's shard of the class centres and keep it out of DDP's all-reduce."""

@@ -13,14 +13,18 @@ There is no classifier. Each identity of the batch comes as two images x1, x2
 3. A queue of K gallery prototypes (K = 16384, random unit vectors at the start) acts as the
    class centres; an identity's label is the queue slot its prototype is written to. p1 is
    classified against the queue with g2 in the batch's slots, p2 against it with g1, through
-   a margin head (official code: plain softmax, s = 30); the loss is the mean of the two
-   cross-entropies (FaceX-Zoo's halving).
+   a margin head (official code: plain softmax, s = 30); the loss is the sum of the two
+   cross-entropies (official ``main.py``; ``loss_terms: mean`` halves it, as FaceX-Zoo does).
 4. Then g1 or g2 (a coin flip per step) is written into the slots, and the write pointer
    moves on by the global batch size.
 
-Defaults from the official ``main.py`` (method card, §2): softmax head s = 30, K = 16384,
-α = 0.999, SGD lr 0.05, momentum 0.9, weight decay 5e-4, steps x0.1 at epochs 48, 72, 90 of
-100, batch 128.
+Defaults from the official ``main.py`` (dituu/Semi-Siamese-Training; method card, §2): softmax
+head s = 30, K = 16384, α = 0.999, the summed loss at SGD lr 0.05, momentum 0.9, weight decay
+5e-4, steps x0.1 at epochs 48, 72, 90 of 100, a global batch of 128 identities (one
+DataParallel batch there; ``configs/ms1m/sst_r50.yaml`` divides it over the ranks with
+``data.batch_size_scope: global``). FaceX-Zoo's recipe halves the loss and runs lr 0.1: keep the
+loss and the rate of one reference, since a halved loss at the official rate takes half the step
+of both.
 
 An identity of the batch can also sit in older queue slots (a false negative). The official
 code draws each epoch's first K identities from those not in the previous epoch's last K;
@@ -32,7 +36,7 @@ epoch order (an implementation choice, not the paper's).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +74,15 @@ class SemiSiameseTraining(FaceRecognitionModule):
         weights: str | None = None,
         queue_size: int = 16384,
         gallery_momentum: float = 0.999,
+        loss_terms: Literal["sum", "mean"] = "sum",
         optim: OptimizerRecipe = OptimizerRecipe(
-            lr=0.05, weight_decay=5e-4, decay_norm_and_bias=False, schedule="step", milestones=(48, 72, 90)
+            lr=0.05, weight_decay=5e-4, schedule="step", milestones=(48, 72, 90)
         ),
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if loss_terms not in ("sum", "mean"):
+            raise ValueError(f"model.loss_terms must be 'sum' (official main.py) or 'mean' (FaceX-Zoo), got {loss_terms!r}")
         self.save_hyperparameters(ignore=["head"])
         self.head = head if head is not None else SoftmaxHead(s=30.0)
         self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
@@ -102,7 +109,7 @@ class SemiSiameseTraining(FaceRecognitionModule):
         slots = self._batch_slots(len(batch_identity))
         rank, _ = world_info()
         targets = slots[rank * len(identity) : (rank + 1) * len(identity)]
-        loss = 0.5 * (
+        loss = (1.0 if self.hparams.loss_terms == "sum" else 0.5) * (
             self._queue_loss(probe1, gallery2, slots, targets, identity, batch_identity)
             + self._queue_loss(probe2, gallery1, slots, targets, identity, batch_identity)
         )

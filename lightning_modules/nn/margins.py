@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +109,24 @@ class CombinedMarginHead(MarginHead):
     ArcFace (Deng et al., CVPR 2019) is (1, 0.5, 0), CosFace (Wang et al., CVPR 2018) is
     (1, 0, 0.4), InsightFace's combined margin is (1, 0.3, 0.2). Defaults s=64 and ArcFace's
     margins as arcface_torch (``configs/base.py`` ``margin_list``, ``losses.py``).
+
+    ``margin_gradient`` (an angular margin only; CosFace's is the same either way):
+
+    - ``"exact"`` (default; the paper and arcface_torch before Dec 2022): the derivative of
+      cos(m1·θ + m2) with respect to cos θ, and the fallback cos θ − m2·sin(π − m2) past π.
+    - ``"straight_through"`` (arcface_torch's ``CombinedMarginLoss`` since commit 657ae30e, Dec
+      2022, which applies the margin in place under ``no_grad``): the forward value
+      cos(m1·θ + m2) − m3 without the fallback, and the gradient of the plain cosine.
     """
 
-    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0) -> None:
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
+                 margin_gradient: Literal["exact", "straight_through"] = "exact") -> None:
         super().__init__(s)
+        if margin_gradient not in ("exact", "straight_through"):
+            raise ValueError(f"margin_gradient must be 'exact' (the paper) or 'straight_through' (arcface_torch "
+                             f"since Dec 2022), got {margin_gradient!r}")
         self.m1, self.m2, self.m3 = m1, m2, m3
+        self.margin_gradient = margin_gradient
 
     @property
     def name(self) -> str:
@@ -124,7 +137,11 @@ class CombinedMarginHead(MarginHead):
         return "combined_margin"
 
     def target_logit(self, cos_y: Tensor, state: Any) -> Tensor:
-        return self.scale * margin_cos(cos_y, self.m1, self.m2, self.m3)
+        if self.margin_gradient == "exact":
+            return self.scale * margin_cos(cos_y, self.m1, self.m2, self.m3)
+        with torch.no_grad():
+            margin = torch.cos(self.m1 * _angle(cos_y) + self.m2) - self.m3 - cos_y
+        return self.scale * (cos_y + margin)
 
 
 class HardNegativeState(NamedTuple):

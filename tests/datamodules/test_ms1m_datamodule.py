@@ -71,6 +71,24 @@ def test_train_batches(root: Path) -> None:
     }
 
 
+def test_a_global_batch_size_is_divided_over_the_ranks(root: Path) -> None:
+    """SST's authors trained one batch of 128 over all GPUs: batch_size_scope global keeps that
+    batch whatever the world size."""
+    from types import SimpleNamespace
+
+    per_rank = _datamodule(root, batch_size=12)
+    per_rank.trainer = SimpleNamespace(world_size=4)
+    assert per_rank.rank_batch_size == 12
+    shared = _datamodule(root, batch_size=12, batch_size_scope="global")
+    shared.trainer = SimpleNamespace(world_size=4)
+    assert shared.rank_batch_size == 3
+    shared.trainer = SimpleNamespace(world_size=5)
+    with pytest.raises(ValueError, match=r"data.batch_size=12 is the global batch .* 5 ranks"):
+        shared.rank_batch_size
+    with pytest.raises(ValueError, match="batch_size_scope"):
+        _datamodule(root, batch_size_scope="node")
+
+
 def test_normalisation_and_random_flip(root: Path) -> None:
     datamodule = _datamodule(root, horizontal_flip=False)
     datamodule.setup("fit")

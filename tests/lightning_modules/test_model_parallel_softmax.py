@@ -55,6 +55,7 @@ CHUNKS = (4, 65536)
 HEADS: dict[str, Callable[[], MarginHead]] = {
     "softmax": lambda: SoftmaxHead(64.0),
     "arcface": lambda: CombinedMarginHead(64.0, 1.0, 0.5, 0.0),
+    "arcface_straight_through": lambda: CombinedMarginHead(64.0, 1.0, 0.5, 0.0, margin_gradient="straight_through"),
     "cosface": lambda: CombinedMarginHead(64.0, 1.0, 0.0, 0.4),
     "combined": lambda: CombinedMarginHead(64.0, 1.0, 0.3, 0.2),
     "curricularface": lambda: CurricularFaceHead(64.0, 0.5),
@@ -447,6 +448,30 @@ def test_margin_target_logits_follow_the_formulas():
     assert torch.equal(margin_cos(cos, 1.0, 0.0, 0.4), cos - 0.4)  # CosFace exactly
     logits = CombinedMarginHead(64.0, 1.0, 0.3, 0.2)(torch.tensor([[0.5, 0.2]]), torch.tensor([0]))
     assert torch.allclose(logits, 64 * torch.tensor([[math.cos(math.pi / 3 + 0.3) - 0.2, 0.2]]))
+
+
+def test_arcface_margin_gradient_exact_and_straight_through():
+    """Exact: d/dcos of cos(θ + m) = sin(θ + m)/sin θ, and the fallback's 1 past π. Straight
+    through (arcface_torch since Dec 2022): the value cos(θ + m) everywhere, no fallback, and the
+    plain cosine's gradient."""
+    cos = torch.tensor([0.5, -0.95], dtype=torch.float64)
+    gradients = {}
+    for kind in ("exact", "straight_through"):
+        x = cos.clone().requires_grad_(True)
+        logit = CombinedMarginHead(2.0, 1.0, 0.5, 0.0, margin_gradient=kind).target_logit(x, None)
+        logit.sum().backward()
+        gradients[kind] = (logit.detach(), x.grad)
+    theta = torch.acos(cos)
+    exact_value, exact_grad = gradients["exact"]
+    torch.testing.assert_close(exact_value[0], 2 * torch.cos(theta[0] + 0.5))
+    torch.testing.assert_close(exact_grad, 2 * torch.stack([torch.sin(theta[0] + 0.5) / torch.sin(theta[0]),
+                                                            torch.tensor(1.0, dtype=torch.float64)]))
+    straight_value, straight_grad = gradients["straight_through"]
+    torch.testing.assert_close(straight_value, 2 * torch.cos(theta + 0.5))  # θ + m > π: no fallback
+    assert straight_value[1] > exact_value[1]
+    torch.testing.assert_close(straight_grad, torch.full_like(cos, 2.0))
+    with pytest.raises(ValueError, match="margin_gradient"):
+        CombinedMarginHead(margin_gradient="paper")
 
 
 @pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (1.0, 0.3, 0.2)])

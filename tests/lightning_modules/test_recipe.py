@@ -139,3 +139,42 @@ def test_every_trained_config_gives_a_valid_recipe(config):
         assert "optim" not in init_args  # not trained
         return
     OptimizerRecipe(**init_args["optim"])
+
+
+class _WithBackbone(VisionZooModule):
+    method_name = "clipped"
+
+    def __init__(self, optim: OptimizerRecipe) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)).squeeze(1), y) * 100.0
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_backbone_gradient_norm_is_clipped_and_the_head_is_not(precision):
+    """arcface_torch's clip_grad_norm_(backbone, 5): with plain SGD at lr 1 one step moves the
+    backbone by exactly its clipped gradient. Under 16-mixed the fused optimizer would unscale
+    only in its step: the clip must see the true gradient, not the loss-scaled one."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8)
+    model = _WithBackbone(OptimizerRecipe(lr=1.0, momentum=0.0, schedule="constant", backbone_grad_clip_norm=0.5))
+    reference = _WithBackbone(model.recipe)
+    reference.load_state_dict(model.state_dict())
+    reference.training_step((x, y), 0).backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=1, precision=precision, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    backbone_step = torch.cat([(before[n] - p.detach()).flatten() for n, p in model.named_parameters() if n.startswith("backbone")])
+    backbone_grad = torch.cat([p.grad.flatten() for p in reference.backbone.parameters()])
+    assert float(backbone_grad.norm()) > 5.0  # far above the limit
+    tolerance = 1e-5 if precision == "32-true" else 2e-2
+    torch.testing.assert_close(backbone_step, backbone_grad * 0.5 / backbone_grad.norm(), rtol=tolerance, atol=tolerance)
+    head_step = torch.cat([(before[n] - p.detach()).flatten() for n, p in model.named_parameters() if n.startswith("head")])
+    head_grad = torch.cat([p.grad.flatten() for p in reference.head.parameters()])
+    torch.testing.assert_close(head_step, head_grad, rtol=tolerance, atol=tolerance * float(head_grad.abs().max()))

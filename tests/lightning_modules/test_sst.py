@@ -85,6 +85,17 @@ def test_queue_loss_targets_the_batch_slots_and_leaves_out_false_negatives():
     torch.testing.assert_close(loss, torch.stack(expected).mean())
 
 
+def test_the_official_loss_sums_both_terms_and_faceX_zoo_halves_it():
+    batch = {"image": torch.randn(4, 3, 112, 112), "image2": torch.randn(4, 3, 112, 112), "label": torch.arange(4)}
+    losses = {}
+    for terms in ("sum", "mean"):
+        torch.manual_seed(0)
+        losses[terms] = _model(loss_terms=terms).training_step(batch, 0)
+    torch.testing.assert_close(losses["sum"], 2 * losses["mean"])
+    with pytest.raises(ValueError, match="loss_terms"):
+        _model(loss_terms="max")
+
+
 def test_enqueue_writes_the_slots_and_moves_the_pointer():
     model = _model()
     prototypes = F.normalize(torch.randn(4, 8), dim=1)
