@@ -22,6 +22,7 @@ the code's own defaults and comments, not checked against the paper's text.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +216,9 @@ def motion_keys(positive: Tensor, negative: Tensor) -> Tensor:
     return torch.cat([positive.flatten(0, 1), negative.transpose(0, 1).flatten(0, 2)])
 
 
-def gathered_info_nce(queries: Tensor, keys: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gathered_info_nce(
+    queries: Tensor, keys: Tensor, temperature: float, key_gradient: Literal["exact", "authors"] = "exact"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """InfoNCE of this rank's ``queries`` [M, D] against the ``keys`` [K, D] of every rank
     (all-gathered in rank order, with gradient), the positive of query i being this rank's key i.
 
@@ -225,14 +228,19 @@ def gathered_info_nce(queries: Tensor, keys: Tensor, temperature: float) -> tupl
     B, the positive on the diagonal); L_mot with the B·P predictions as queries and
     :func:`motion_keys` as keys.
 
-    The gathered keys carry gradient to the rank that computed them (the sum over ranks of the
-    gradients, which DDP's averaging turns into the gradient of the mean loss over ranks); the
-    code divides those key gradients once more by the world size [CODE*], which weights the key
-    branch 1/world of the query branch on several GPUs.
+    ``key_gradient``: with ``exact`` the gathered keys carry gradient to the rank that computed
+    them (the sum over ranks of the gradients, which DDP's averaging turns into the gradient of
+    the mean loss over ranks); with ``authors`` that key gradient is divided once more by the
+    world size, as the code's gather does [CODE*], which weights the key branch 1/world of the
+    query branch on several GPUs (on one, both are the same).
     """
     if len(queries) > len(keys):
         raise ValueError(f"{len(queries)} queries need their positives among the {len(keys)} local keys")
-    rank, _ = world_info()
+    if key_gradient not in ("exact", "authors"):
+        raise ValueError(f"key_gradient must be 'exact' or 'authors', got {key_gradient!r}")
+    rank, world_size = world_info()
+    if key_gradient == "authors" and world_size > 1:
+        keys = keys / world_size + (keys - keys / world_size).detach()  # the same keys, 1/world of the gradient
     all_keys = all_gather_with_grad(keys.float())
     logits = queries.float() @ all_keys.T / temperature
     labels = torch.arange(len(queries), device=queries.device) + rank * len(keys)

@@ -35,12 +35,18 @@ decay 1e-3 on every parameter, lr = 5e-4 per sample × global batch (``optim.lr`
 it, then a cosine to 0 (the code's cosine steps once per epoch; here per step), 200 epochs,
 gradient-norm clipping at 15 and SyncBN (trainer options in the config). All backbones start
 with their residual branches' last BN at zero, as the code's ResNets (``zero_init_residual=True``).
+
+Deviations from the authors' code:
+
+- The keys gathered from the other ranks pass the exact gradient of the loss back to the rank
+  that computed them; the code's gather divides it once more by the world size, which
+  ``key_gradient: authors`` reproduces (:func:`~lightning_modules.nn.cmd.gathered_info_nce`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import timm
 import torch
@@ -85,6 +91,7 @@ class CMD(ClipFeaturePredictions, VisionZooModule):
         temperature: float = 0.1,
         context_weight: float = 1.0,
         motion_weight: float = 1.0,
+        key_gradient: Literal["exact", "authors"] = "exact",
         optim: OptimizerRecipe = OptimizerRecipe(
             lr=5e-4, lr_batch_size=1, nesterov=True, weight_decay=1e-3, warmup_epochs=5.0, warmup_start_factor=0.01
         ),
@@ -135,9 +142,11 @@ class CMD(ClipFeaturePredictions, VisionZooModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp = self.hparams
         embeddings = self.embed(batch)
-        loss_context, acc_context, _, _ = gathered_info_nce(embeddings["clip_context"], embeddings["iframe_context"], hp.temperature)
+        loss_context, acc_context, _, _ = gathered_info_nce(
+            embeddings["clip_context"], embeddings["iframe_context"], hp.temperature, hp.key_gradient
+        )
         loss_motion, acc_motion, _, _ = gathered_info_nce(
-            embeddings["predicted_motion"].flatten(0, 1), embeddings["motion_keys"], hp.temperature
+            embeddings["predicted_motion"].flatten(0, 1), embeddings["motion_keys"], hp.temperature, hp.key_gradient
         )
         loss = hp.context_weight * loss_context + hp.motion_weight * loss_motion
         batch_size = len(batch["video"])

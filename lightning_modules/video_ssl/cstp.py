@@ -11,8 +11,10 @@ one rotation label each.
 
 1. The online backbone (R(2+1)D-10, 512-d, ``self.backbone``) embeds both clips: f1, f2.
 2. BYOL: the online projector and predictor (512 → 4096 (BN, ReLU) → 512 each) give p1, p2; the
-   target network, an EMA of the online backbone and projector (m = 0.996, updated after every
-   training step; BatchNorm on batch statistics), gives z1, z2 without gradient;
+   target network, a backbone and projector built separately with their own random
+   initialisation (the code's ``R21DBYOL.__init__``; ``target_init: copy`` starts it as a copy
+   of the online network, as the BYOL paper), moved towards the online one by an EMA (m = 0.996,
+   after every training step; BatchNorm on batch statistics), gives z1, z2 without gradient;
    L_BYOL = mean over the batch of (2 − 2·cos(p1, z2)) + (2 − 2·cos(p2, z1)).
 3. The heads (:class:`lightning_modules.nn.stor_heads.STORHeads`) read f1, f2: spatial and
    temporal overlap from concat(f1, f2), pace and rotation from each clip.
@@ -28,8 +30,13 @@ min_lr + (lr − min_lr)·e/W for e < W = 0.5·n_epochs, then
 min_lr + (lr − min_lr)·(1 + cos(π·(e − W)/(n_epochs − W)))/2. :func:`~lightning_modules.nn.schedules.lr_factor` is the same
 curve evaluated at every optimizer step (the fraction of training done instead of the whole epoch
 count), through a ``LambdaLR``. SGD's momentum 0.9 is UNVERIFIED (the code's ``--momentum``
-default was not read). The code's Glorot-uniform initialisation of every layer is not copied: the
-backbone keeps :mod:`lightning_modules.nn.video_resnet`'s and the MLPs PyTorch's defaults.
+default was not read).
+
+Deviations from the authors' code:
+
+- Initialisation: the backbone keeps :mod:`lightning_modules.nn.video_resnet`'s and the MLPs
+  PyTorch's defaults; ``weight_init: glorot`` applies the code's Glorot-uniform to every Linear,
+  Conv3d and BatchNorm weight (:func:`~lightning_modules.nn.init.glorot_uniform_`).
 
 There is no validation step: the representation is judged by the shared UCF101 protocols
 (linear probe, fine-tuning, retrieval), which load ``backbone.*`` from the checkpoint.
@@ -38,7 +45,7 @@ There is no validation step: the representation is judged by the shared UCF101 p
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +53,7 @@ from torch import Tensor
 
 from lightning_modules.base import VisionZooModule
 from lightning_modules.nn.byol import MLP, symmetric_byol_loss
+from lightning_modules.nn.init import glorot_uniform_
 from lightning_modules.nn.momentum import momentum_encoder_mode, momentum_update_
 from lightning_modules.nn.stor_heads import STORHeads
 from lightning_modules.nn.video_encoder import VideoEncoder
@@ -61,6 +69,8 @@ class CSTP(ClipFeaturePredictions, VisionZooModule):
     rate m. ``loss_weights``: (BYOL, spatial, temporal, pace, rotation). ``overlap_classes``: the
     number of overlap rates of the sampler; ``clip_classes``: outputs of the pace and rotation heads
     (5 as in the code, one more than their 4 classes; see :mod:`lightning_modules.nn.stor_heads`).
+    ``target_init``: ``independent`` (the code) or ``copy`` (the BYOL paper); ``weight_init``:
+    ``default`` or ``glorot`` (the code's); see the module docstring.
     ``optim`` (:class:`~lightning_modules.recipe.OptimizerRecipe`): SGD and its one-cycle schedule,
     warming up from ``min_lr`` (``warmup_start_factor`` = min_lr / lr) over half the run.
     """
@@ -78,6 +88,8 @@ class CSTP(ClipFeaturePredictions, VisionZooModule):
         loss_weights: tuple[float, float, float, float, float] = (0.1, 1.0, 1.0, 1.0, 1.0),
         overlap_classes: int = 5,
         clip_classes: int = 5,
+        target_init: Literal["independent", "copy"] = "independent",
+        weight_init: Literal["default", "glorot"] = "default",
         optim: OptimizerRecipe = OptimizerRecipe(
             lr=0.03, weight_decay=5e-4, warmup_fraction=0.5, warmup_start_factor=1e-5 / 0.03, min_lr=1e-5
         ),
@@ -86,13 +98,26 @@ class CSTP(ClipFeaturePredictions, VisionZooModule):
         self.save_hyperparameters()
         if len(loss_weights) != 5:
             raise ValueError(f"loss_weights are (byol, spatial, temporal, pace, rotation), got {loss_weights}")
-        self.backbone = VideoEncoder(backbone, pretrained, weights)
+        if target_init not in ("independent", "copy") or weight_init not in ("default", "glorot"):
+            raise ValueError(f"model.target_init must be 'independent' or 'copy' and model.weight_init 'default' or "
+                             f"'glorot', got {target_init!r} and {weight_init!r}")
+        if weight_init == "glorot" and (pretrained or weights):
+            raise ValueError("model.weight_init: glorot draws every weight: it cannot start from pretrained weights "
+                             "(model.pretrained / model.weights)")
+        initialise = glorot_uniform_ if weight_init == "glorot" else (lambda module: module)
+        self.backbone = initialise(VideoEncoder(backbone, pretrained, weights))
         features = self.backbone.num_features
-        self.projector = MLP(features, hidden_dim, projection_dim)
-        self.predictor = MLP(projection_dim, hidden_dim, projection_dim)
-        self.target_encoder = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.heads = STORHeads(features, overlap_classes, clip_classes)
+        self.projector = initialise(MLP(features, hidden_dim, projection_dim))
+        self.predictor = initialise(MLP(projection_dim, hidden_dim, projection_dim))
+        self.heads = initialise(STORHeads(features, overlap_classes, clip_classes))
+        if target_init == "copy":
+            self.target_encoder = copy.deepcopy(self.backbone)
+            self.target_projector = copy.deepcopy(self.projector)
+        else:  # built again: its own random draw (or the same pretrained weights)
+            self.target_encoder = initialise(VideoEncoder(backbone, pretrained, weights))
+            self.target_projector = initialise(MLP(features, hidden_dim, projection_dim))
+        self.target_encoder.requires_grad_(False)
+        self.target_projector.requires_grad_(False)
 
     def forward(self, clip: Tensor) -> Tensor:
         """Backbone features [B, D] of clips [B, 3, T, H, W]."""

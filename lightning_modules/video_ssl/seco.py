@@ -36,7 +36,8 @@ three heads (``seco/util.py: load_pretrained``). ``weights`` accepts that checkp
 (a ``state_dict`` with ``module.encoder_q.*`` keys) and does the same; it also accepts a plain
 timm/torchvision state dict of the backbone. timm serves no MoCo weights, so
 ``pretrained: true`` alone gives timm's default (supervised) ImageNet weights of the backbone,
-which is *not* the paper's start.
+which is *not* the paper's start. ``configs/ucf101/seco.yaml`` starts from random weights unless
+given the MoCo checkpoint; every fit says which start it uses (:meth:`SeCo.on_fit_start`).
 
 Data here: the paper pretrains on Kinetics-400 frame folders (~30 frames per video, short side
 256); this suite pretrains on the UCF101 split-1 train list (``configs/ucf101/seco.yaml``),
@@ -145,6 +146,9 @@ class SeCo(ClipFeaturePredictions, VisionZooModule):
         self.order_classifier = nn.Linear(3 * projection_dim, 2)
         if moco is not None:
             self._load_moco(*moco, weights)
+        self.start = (f"the MoCo checkpoint {weights}" if moco is not None else f"the weights of {weights}" if weights
+                      else "timm's supervised ImageNet weights (not the paper's MoCo-v2 start)" if pretrained
+                      else "random weights (not the paper's MoCo-v2 start)")
         self.key_encoder = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in ("backbone", *HEADS)})
         self.key_encoder.requires_grad_(False)
         self.queue = FeatureQueue(queue_size, projection_dim, torch.Generator().manual_seed(seed))
@@ -165,6 +169,14 @@ class SeCo(ClipFeaturePredictions, VisionZooModule):
                 return
             head.load_state_dict(head_state)
         rank_zero_info(f"SeCo: backbone and heads initialised from the MoCo checkpoint {path}")
+
+    def on_fit_start(self) -> None:
+        """Says which start this run uses; the paper's is MoCo-v2's ImageNet ResNet-50."""
+        message = f"SeCo starts from {self.start}"
+        if "MoCo checkpoint" not in self.start and self.trainer.ckpt_path is None:
+            message += ("; for the paper's start give --model.init_args.weights moco_v2_200ep_pretrain.pth.tar "
+                        "(facebookresearch/moco)")
+        rank_zero_info(message)
 
     # ----------------------------------------------------------------------------- encoders
 

@@ -84,12 +84,15 @@ def _info_nce_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
                             timeout=timedelta(seconds=60))
     try:
         data = torch.load(Path(out_dir) / "data.pt")
-        queries = data["queries"][rank].clone().requires_grad_(True)
-        keys = data["keys"][rank].clone().requires_grad_(True)
-        loss, _, logits, labels = gathered_info_nce(queries, keys, temperature=0.1)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "labels": labels, "logits_shape": logits.shape,
-                    "grad_queries": queries.grad, "grad_keys": keys.grad}, Path(out_dir) / f"rank{rank}.pt")
+        results = {}
+        for key_gradient in ("exact", "authors"):
+            queries = data["queries"][rank].clone().requires_grad_(True)
+            keys = data["keys"][rank].clone().requires_grad_(True)
+            loss, _, logits, labels = gathered_info_nce(queries, keys, temperature=0.1, key_gradient=key_gradient)
+            loss.backward()
+            results[key_gradient] = {"loss": loss.detach(), "labels": labels, "logits_shape": logits.shape,
+                                     "grad_queries": queries.grad, "grad_keys": keys.grad}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -97,7 +100,8 @@ def _info_nce_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
 def test_keys_are_gathered_from_every_rank_with_labels_offset_by_rank(tmp_path):
     """Two ranks with M queries and K local keys each (the point-wise case, K = (1 + N)·M): their
     mean loss and, after DDP's averaging, their gradients equal a single process's over all
-    queries against the rank-ordered keys, the positive of query i of rank r being key r·K + i."""
+    queries against the rank-ordered keys, the positive of query i of rank r being key r·K + i.
+    The authors' gather (``key_gradient="authors"``) gives the keys 1/world of that gradient."""
     world, M, K, D = 2, 6, 24, 8
     generator = torch.Generator().manual_seed(0)
     queries = F.normalize(torch.randn(world, M, D, generator=generator), dim=-1)
@@ -111,12 +115,16 @@ def test_keys_are_gathered_from_every_rank_with_labels_offset_by_rank(tmp_path):
     labels = torch.cat([torch.arange(M) + r * K for r in range(world)])
     reference = F.cross_entropy(all_queries @ all_keys.T / 0.1, labels)
     reference.backward()
-    for r, result in enumerate(results):
+    for r, both in enumerate(results):
+        result, authors = both["exact"], both["authors"]
         assert result["logits_shape"] == (M, world * K)
         assert torch.equal(result["labels"], torch.arange(M) + r * K)
         torch.testing.assert_close(result["grad_queries"] / world, all_queries.grad[r * M : (r + 1) * M])
         torch.testing.assert_close(result["grad_keys"] / world, all_keys.grad[r * K : (r + 1) * K])
-    torch.testing.assert_close(sum(r["loss"] for r in results) / world, reference.detach())
+        torch.testing.assert_close(authors["loss"], result["loss"])
+        torch.testing.assert_close(authors["grad_queries"], result["grad_queries"])
+        torch.testing.assert_close(authors["grad_keys"], result["grad_keys"] / world)
+    torch.testing.assert_close(sum(r["exact"]["loss"] for r in results) / world, reference.detach())
 
 
 def test_negative_windows_never_overlap_the_positive_window():

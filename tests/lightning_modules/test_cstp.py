@@ -197,6 +197,35 @@ def test_target_is_an_ema_of_the_online_network_updated_every_step(accumulate_gr
     assert not any(p.requires_grad for p in target)
 
 
+def test_target_starts_from_its_own_draw_as_the_code_or_a_copy_as_the_byol_paper():
+    torch.manual_seed(0)
+    independent = CSTP(backbone="r2plus1d_test", hidden_dim=64, projection_dim=32)
+    pairs = list(zip([*independent.backbone.parameters(), *independent.projector.parameters()],
+                     [*independent.target_encoder.parameters(), *independent.target_projector.parameters()], strict=True))
+    assert all(o.shape == t.shape for o, t in pairs)
+    assert all(not torch.equal(o, t) for o, t in pairs if o.dim() > 1)  # every weight its own draw
+    copied = CSTP(backbone="r2plus1d_test", hidden_dim=64, projection_dim=32, target_init="copy")
+    assert all(torch.equal(o, t) for o, t in zip(copied.backbone.parameters(), copied.target_encoder.parameters()))
+
+
+def test_glorot_option_draws_every_weight_from_the_codes_bound():
+    """U(−b, b), b = √(6 / (fan_in + fan_out)), the fans of a convolution counting its receptive
+    field; BatchNorm's γ too (fan n/2 each way), so some start below 0."""
+    torch.manual_seed(0)
+    model = CSTP(backbone="r2plus1d_test", hidden_dim=64, projection_dim=32, weight_init="glorot")
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d))]
+    assert layers
+    for layer in layers:
+        receptive = layer.weight[0][0].numel()
+        bound = math.sqrt(6.0 / ((layer.weight.shape[0] + layer.weight.shape[1]) * receptive))
+        assert bound * 0.8 < float(layer.weight.abs().max()) <= bound
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm3d))]
+    assert norms and all(float(m.weight.abs().max()) <= math.sqrt(6.0 / (2 * (m.num_features // 2))) for m in norms)
+    assert all((m.weight < 0).any() for m in norms if m.num_features >= 16)
+    with pytest.raises(ValueError, match="glorot"):
+        CSTP(backbone="r2plus1d_test", weight_init="glorot", pretrained=True)
+
+
 def _code_scheduler_lr(epoch: int, n_epochs: int, max_lr: float, min_lr: float) -> float:
     """CosineAnnealingWarmupRestarts(first_cycle_steps=n_epochs, warmup_steps=0.5·n_epochs) at epoch
     ``epoch`` (from 0), one cycle (main_byol.py)."""

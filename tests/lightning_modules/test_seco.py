@@ -283,8 +283,9 @@ def test_two_ranks_enqueue_the_keys_of_both_in_the_same_order(tmp_path):
 # ----------------------------------------------------------------------------- the config
 
 
-def test_config_trains_a_few_steps_on_the_mini_set(mini_ucf101, tmp_path, monkeypatch):
+def test_config_trains_a_few_steps_on_the_mini_set_and_says_which_start_it_uses(mini_ucf101, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO", logger="lightning.pytorch.utilities.rank_zero")
     cli = VisionZooCLI(args=[
         "fit", "--config", str(CONFIGS / "ucf101/seco.yaml"), "--config", str(CONFIGS / "ucf101/mini.yaml"),
         "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(mini_ucf101),
@@ -293,6 +294,8 @@ def test_config_trains_a_few_steps_on_the_mini_set(mini_ucf101, tmp_path, monkey
     ])
     run = Path(cli.trainer.default_root_dir)
     assert run == Path("runs/ucf101/seco/split1")
+    assert "SeCo starts from random weights (not the paper's MoCo-v2 start); for the paper's start give " \
+           "--model.init_args.weights" in caplog.text
     rows = [r for r in metrics(run) if r.get("train/loss")]
     assert len(rows) == 6
     for term in ("train/loss", "train/loss_inter", "train/loss_intra", "train/loss_order", "train/inter_top1"):
