@@ -39,16 +39,20 @@ class SubmissionWriter(Callback):
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self.skipped: str | None = None  # why this test writes no submission (the previous one stays)
 
     def _paths(self, trainer: Trainer) -> tuple[Path, Path]:
         final = Path(trainer.default_root_dir) / self.directory
         return final, final.with_name(f".{final.name}.partial")
 
     def write_batch(self, directory: Path, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
-        """Write the files of one test batch under ``directory``."""
+        """Write the files of one test batch under ``directory``, or set :attr:`skipped` to the
+        reason the outputs cannot make this submission (nothing more is written, the previous
+        submission stays)."""
         raise NotImplementedError
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.skipped = None
         _, staging = self._paths(trainer)
         if trainer.is_global_zero:
             shutil.rmtree(staging, ignore_errors=True)
@@ -57,13 +61,17 @@ class SubmissionWriter(Callback):
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch is not None:
+        if batch is not None and self.skipped is None:
             self.write_batch(self._paths(trainer)[1], batch, outputs)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             final, staging = self._paths(trainer)
+            if self.skipped is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                rank_zero_info(f"{type(self).__name__}: no submission written ({self.skipped}); {final} is unchanged")
+                return
             replace_directory(final, staging)
             rank_zero_info(f"{type(self).__name__}: submission files written to {final}")
 
@@ -89,6 +97,11 @@ class MVTecTIFFMaps(SubmissionWriter):
             raise KeyError(f"MVTecTIFFMaps writes the test_step output {self.map_field!r}; the method returns "
                            f"{sorted(outputs)} (set map_field)")
         maps = outputs[self.map_field].detach().float().cpu().numpy()
+        if maps.shape[1:] != tuple(batch["mask"].shape[1:]):
+            self.skipped = (f"the {self.map_field!r} maps are {maps.shape[1]}x{maps.shape[2]}, not at the ground truth's "
+                            f"size {batch['mask'].shape[1]}x{batch['mask'].shape[2]}: the official files need the official "
+                            "protocol (MSFlow's evaluation_protocol 'authors' scores at the input resolution)")
+            return
         for path, anomaly_map in zip(batch["path"], maps):
             image = Path(path)
             target = directory / image.parents[2].name / "test" / image.parent.name / f"{image.stem}.tiff"

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import EvalSet, VisionZooDataModule
@@ -77,6 +77,60 @@ class MVTecDataset(AugmentationRNG, Dataset):
             "defect_type": sample.defect_type,
             "path": str(sample.image),
         }
+
+
+def scan_category(root: Path, category: str) -> tuple[list[Sample], list[Sample]]:
+    """The train and test samples of one category, checking the whole official layout at once
+    (an error lists every missing folder, image and mask)."""
+    folder = root / category
+    if not folder.is_dir():
+        if root.is_dir():
+            present = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir()))
+            hint = f"categories present under {root}: {present or '(none)'}"
+        else:
+            hint = f"the root folder {root} does not exist"
+        raise layout_error("MVTec AD", root, [f"category folder: {folder}"], hint)
+    missing = []
+    train = [Sample(path, "good") for path in sorted((folder / "train" / "good").glob("*.png"))]
+    if not train:
+        missing.append(f"training images: {folder / 'train' / 'good' / '*.png'}")
+    test_folders = sorted(p for p in (folder / "test").glob("*") if p.is_dir())
+    test = []
+    for defect_folder in test_folders:
+        defect = defect_folder.name
+        for path in sorted(defect_folder.glob("*.png")):
+            if defect == "good":
+                test.append(Sample(path, defect))
+                continue
+            mask = folder / "ground_truth" / defect / f"{path.stem}_mask.png"
+            if not mask.is_file():
+                missing.append(f"mask of test/{defect}/{path.name}: {mask}")
+            test.append(Sample(path, defect, mask))
+    if not test:
+        missing.append(f"test images: {folder / 'test' / '<defect>' / '*.png'}")
+    if missing:
+        raise layout_error("MVTec AD", root, missing)
+    return train, test
+
+
+class PILResize(A.DualTransform):
+    """Resize to ``size``² with PIL, as MSFlow's torchvision ``T.Resize(LANCZOS)`` on PIL images:
+    images by Lanczos, whose kernel widens when downscaling (antialiased; OpenCV's
+    ``INTER_LANCZOS4`` keeps an 8×8 kernel and aliases), masks by PIL's nearest (their
+    ``T.Resize(NEAREST)``)."""
+
+    def __init__(self, size: int, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.size = size
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return np.asarray(Image.fromarray(img).resize((self.size, self.size), Image.Resampling.LANCZOS))
+
+    def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
+        return np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.Resampling.NEAREST))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size",)
 
 
 class MVTecDataModule(VisionZooDataModule):
@@ -157,36 +211,7 @@ class MVTecDataModule(VisionZooDataModule):
             self.test_samples = self._usable("test", test)
 
     def _scan(self) -> tuple[list[Sample], list[Sample]]:
-        """List train and test samples, checking the whole official layout at once."""
-        folder = self.root / self.category
-        if not folder.is_dir():
-            if self.root.is_dir():
-                present = ", ".join(sorted(p.name for p in self.root.iterdir() if p.is_dir()))
-                hint = f"categories present under {self.root}: {present or '(none)'}"
-            else:
-                hint = f"the root folder {self.root} does not exist"
-            raise layout_error("MVTec AD", self.root, [f"category folder: {folder}"], hint)
-        missing = []
-        train = [Sample(path, "good") for path in sorted((folder / "train" / "good").glob("*.png"))]
-        if not train:
-            missing.append(f"training images: {folder / 'train' / 'good' / '*.png'}")
-        test_folders = sorted(p for p in (folder / "test").glob("*") if p.is_dir())
-        test = []
-        for defect_folder in test_folders:
-            defect = defect_folder.name
-            for path in sorted(defect_folder.glob("*.png")):
-                if defect == "good":
-                    test.append(Sample(path, defect))
-                    continue
-                mask = folder / "ground_truth" / defect / f"{path.stem}_mask.png"
-                if not mask.is_file():
-                    missing.append(f"mask of test/{defect}/{path.name}: {mask}")
-                test.append(Sample(path, defect, mask))
-        if not test:
-            missing.append(f"test images: {folder / 'test' / '<defect>' / '*.png'}")
-        if missing:
-            raise layout_error("MVTec AD", self.root, missing)
-        return train, test
+        return scan_category(self.root, self.category)
 
     def _split_val(self, train: list[Sample]) -> tuple[list[Sample], list[Sample]]:
         """Hold out ``val_fraction`` of the good training images, chosen by ``seed``."""
@@ -253,10 +278,10 @@ class MVTecDataModule(VisionZooDataModule):
     # ------------------------------------------------------------------------ dataloaders
 
     def _transform(self, augmentations: list[A.BasicTransform]) -> A.Compose:
-        """Augmentations, then LANCZOS resize (as MSFlow), ImageNet normalisation, tensor."""
+        """Augmentations, then PIL's LANCZOS resize (as MSFlow), ImageNet normalisation, tensor."""
         return A.Compose([
             *augmentations,
-            A.Resize(self.image_size, self.image_size, interpolation=cv2.INTER_LANCZOS4),
+            PILResize(self.image_size),
             A.Normalize(),
             ToTensorV2(),
         ])

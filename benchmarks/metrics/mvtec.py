@@ -66,20 +66,15 @@ def _check_fpr_limit(fpr_limit: float) -> None:
         raise ValueError(f"fpr_limit must lie in (0, 1]; got {fpr_limit}")
 
 
-def pro_curve(anomaly_maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """The PRO curve ``(fpr, pro)`` of MVTec's ``compute_pro``, from (0, 0) to (1, 1).
-
-    One point per distinct score t, in order of decreasing t (so both arrays are non-decreasing),
-    counting all pixels with score >= t: tied scores give one point. ``anomaly_maps`` and ``masks``
-    are shaped [N, H, W]; a mask pixel is a defect where its value is > 0.
-    """
+def _split_pixels(anomaly_maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The scores of the normal pixels (ascending), of the defect pixels (ascending) with their
+    weights 1 / |their 8-connected ground-truth component| (so that summing weights counts
+    components fractionally), and the number of components. ``anomaly_maps`` and ``masks`` are
+    shaped [N, H, W]; a mask pixel is a defect where its value is > 0."""
     maps, masks = _to_numpy(anomaly_maps), _to_numpy(masks)
     _check_shapes(maps, masks)
     if np.isnan(maps).any():
         raise ValueError("anomaly_maps contain NaN")
-
-    # Split the scores into normal pixels and defect pixels; each defect pixel carries the weight
-    # 1 / |its component|, so that summing weights counts components fractionally.
     normal = np.empty(maps.size, dtype=maps.dtype)
     n_normal = 0
     defect_scores, defect_weights = [], []
@@ -98,13 +93,22 @@ def pro_curve(anomaly_maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np
         raise ValueError("masks contain no defect pixels: AU-PRO needs at least one GT component")
     if n_normal == 0:
         raise ValueError("masks contain no normal pixels: the false positive rate is undefined")
-
     normal = normal[:n_normal]
     normal.sort()
     defect = np.concatenate(defect_scores)
     order = np.argsort(defect)
-    defect = defect[order]
-    weights = np.concatenate(defect_weights)[order]
+    return normal, defect[order], np.concatenate(defect_weights)[order], n_components
+
+
+def pro_curve(anomaly_maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve ``(fpr, pro)`` of MVTec's ``compute_pro``, from (0, 0) to (1, 1).
+
+    One point per distinct score t, in order of decreasing t (so both arrays are non-decreasing),
+    counting all pixels with score >= t: tied scores give one point. ``anomaly_maps`` and ``masks``
+    are shaped [N, H, W]; a mask pixel is a defect where its value is > 0.
+    """
+    normal, defect, weights, n_components = _split_pixels(anomaly_maps, masks)
+    n_normal = normal.size
     # weight_at_or_above[i] = sum of the weights of defect[i:], accumulated from the top score down.
     weight_at_or_above = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
 
@@ -120,6 +124,34 @@ def pro_curve(anomaly_maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np
     np.divide(pro_sum[::-1], n_components, out=pro[1:-1])
     np.minimum(pro, 1.0, out=pro)  # the float sum of 1/|component| can overshoot 1 by rounding
     return fpr, pro
+
+
+def aupro_threshold_sweep(anomaly_maps: ArrayLike, masks: ArrayLike, steps: int = 800, fpr_limit: float = 0.3) -> float:
+    """AU-PRO as MSFlow's ``evaluations.py`` (``eval_seg_pro``; a sweep many anomaly-detection
+    repositories share), not MVTec's official curve: ``steps`` thresholds ``arange(min, max,
+    (max − min)/steps)`` over all scores; at each, a pixel is positive where its score is
+    *above* it, PRO is the mean over every ground-truth component (8-connected) of its share of
+    positive pixels, and FPR the share of positive normal pixels; the points with FPR <
+    ``fpr_limit`` are kept, their FPRs min-max rescaled to [0, 1], and the area under PRO taken
+    by the trapezoid rule. The curve is coarser than the official one and its FPR axis stretched,
+    so the value differs from :func:`aupro`."""
+    _check_fpr_limit(fpr_limit)
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2; got {steps}")
+    normal, defect, weights, n_components = _split_pixels(anomaly_maps, masks)
+    weight_above = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
+    low, high = min(normal[0], defect[0]), max(normal[-1], defect[-1])
+    if not high > low:
+        raise ValueError("anomaly_maps are constant: a threshold sweep needs a range of scores")
+    thresholds = np.arange(low, high, (high - low) / steps)
+    fpr = (normal.size - np.searchsorted(normal, thresholds, side="right")) / normal.size
+    pro = weight_above[np.searchsorted(defect, thresholds, side="right")] / n_components
+    kept = fpr < fpr_limit
+    fpr, pro = fpr[kept], pro[kept]
+    if fpr.size < 2 or fpr.max() == fpr.min():
+        raise ValueError(f"fewer than two distinct FPRs below {fpr_limit} in the sweep: the area is undefined")
+    fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())
+    return float(abs(np.trapezoid(pro, fpr)))  # fpr falls as the thresholds rise
 
 
 def trapezoid(x: ArrayLike, y: ArrayLike, x_max: float | None = None) -> float:
@@ -189,17 +221,22 @@ class PixelAUROC(EvalSetMetric):
 
 class AUPRO(EvalSetMetric):
     """MVTec AD AU-PRO up to ``fpr_limit`` (official: 0.3) of anomaly maps (field ``map_field``,
-    [B, H, W]) against ``mask`` [B, H, W], over all images; see :func:`aupro`."""
+    [B, H, W]) against ``mask`` [B, H, W], over all images: the official curve (:func:`aupro`),
+    or with ``sweep_steps`` the threshold sweep of :func:`aupro_threshold_sweep` (MSFlow's 800),
+    reported as ``aupro_sweep<steps>`` so that the two are never mixed."""
 
-    name = "aupro"
-
-    def __init__(self, map_field: str = "anomaly_map", fpr_limit: float = 0.3) -> None:
+    def __init__(self, map_field: str = "anomaly_map", fpr_limit: float = 0.3, sweep_steps: int | None = None) -> None:
         _check_fpr_limit(fpr_limit)
         self.fields = (map_field, "mask")
         self.fpr_limit = fpr_limit
+        self.sweep_steps = sweep_steps
+        self.name = "aupro" if sweep_steps is None else f"aupro_sweep{sweep_steps}"
 
     def combine_set(self, rows: Rows) -> dict[str, float]:
-        return {self.name: aupro(rows[self.fields[0]], rows["mask"], fpr_limit=self.fpr_limit)}
+        maps, masks = rows[self.fields[0]], rows["mask"]
+        if self.sweep_steps is None:
+            return {self.name: aupro(maps, masks, fpr_limit=self.fpr_limit)}
+        return {self.name: aupro_threshold_sweep(maps, masks, self.sweep_steps, self.fpr_limit)}
 
 
 # --------------------------------------------------------------------------- scoring a submission

@@ -24,11 +24,27 @@ Reported metrics are the last epoch's. The authors' README reports the best of 2
 evaluations per class (test-set model selection); this module does not do that.
 ``image_auroc`` uses the paper's top-k image score; ``image_auroc_max`` uses the maximum of the
 localisation map, the rule of MVTec's official evaluation script.
+
+``evaluation_protocol`` (``results.json`` names it in its metrics' keys):
+
+- ``official`` (default): the maps at the ground truth's resolution, AU-PRO on MVTec's exact
+  curve (``aupro``), the number MVTec's evaluation script gives for the same maps.
+- ``authors``: the paper's table, as the authors' ``evaluations.py``: the maps at the input
+  resolution (512) against masks resized to it (nearest), AU-PRO by their 800-threshold sweep
+  with a rescaled FPR axis (``aupro_sweep800``, :func:`~benchmarks.metrics.mvtec.aupro_threshold_sweep`).
+
+Deviations from the authors' code:
+
+- Under the bf16 presets the flows run in fp32, and so does the frozen extractor (the authors
+  run both in fp32 unless AMP is asked for).
+- The ``authors`` protocol resizes masks with torch's nearest rule; the authors' PIL nearest
+  can differ from it on a boundary pixel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +111,7 @@ class MSFlow(EvaluatedModule):
         condition_channels: int = 64,
         clamp: float = 1.9,
         top_k: float = 0.03,
+        evaluation_protocol: Literal["official", "authors"] = "official",
         optim: OptimizerRecipe = OptimizerRecipe(
             lr=1e-4, optimizer="adam", schedule="step", milestones=(70, 90), gamma=0.33, warmup_epochs=12,
             warmup_start_factor=0.1, interval="epoch",
@@ -102,6 +119,8 @@ class MSFlow(EvaluatedModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if evaluation_protocol not in ("official", "authors"):
+            raise ValueError(f"model.evaluation_protocol must be 'official' or 'authors', got {evaluation_protocol!r}")
         if len(parallel_blocks) != len(feature_levels):
             raise ValueError(
                 f"model.parallel_blocks {list(parallel_blocks)} needs one entry per feature level "
@@ -120,9 +139,10 @@ class MSFlow(EvaluatedModule):
         """Latents of every scale after the fusion flow, and the total log|det J| per image."""
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = [self.smooth(f).float() for f in self.extractor(images)]
-        # The flows run in fp32 under bf16-mixed: exp(log-scale) and the log-det need it.
+        # Extractor and flows run in fp32 under bf16-mixed: the authors' features are fp32, and
+        # exp(log-scale) and the log-det need it.
         with torch.autocast(device_type=images.device.type, enabled=False):
+            features = [self.smooth(f) for f in self.extractor(images.float())]
             latents, log_det = [], images.new_zeros(images.shape[0], dtype=torch.float32)
             for flow, feature in zip(self.parallel_flows, features):
                 z, flow_log_det = flow(feature)
@@ -154,18 +174,24 @@ class MSFlow(EvaluatedModule):
 
     def evaluation_metrics(self, stage: Stage) -> list[BenchmarkMetric]:
         """Test: image AUROC of the paper's score and of the map's maximum (the official script's),
-        pixel AUROC of the localisation map, AU-PRO of the detection map (the authors' pairing)."""
+        pixel AUROC of the localisation map, AU-PRO of the detection map (the authors' pairing), by
+        the ``evaluation_protocol``'s curve."""
         if stage == "val":
             return []
+        sweep = 800 if self.hparams.evaluation_protocol == "authors" else None
         return [ImageAUROC(), ImageAUROC("image_score_max", "image_auroc_max"), PixelAUROC("anomaly_map"),
-                AUPRO("detection_map")]
+                AUPRO("detection_map", sweep_steps=sweep)]
 
     def evaluation_outputs(self, batch: dict) -> dict[str, Tensor]:
-        """Both maps at the resolution of the ground truth the DataModule returns, and the image scores."""
+        """Both maps and the ground truth at one resolution, and the image scores: the ground
+        truth's (``official``) or the input's (``authors``, masks resized nearest)."""
         outputs = self.anomaly_maps(batch["image"])
-        size = batch["mask"].shape[1:]
+        mask = batch["mask"]
+        if self.hparams.evaluation_protocol == "authors":
+            mask = F.interpolate(mask[:, None].float(), size=batch["image"].shape[2:], mode="nearest")[:, 0].to(mask.dtype)
+        size = mask.shape[1:]
         anomaly_map = _upsample(outputs["anomaly_map"], size)
-        return {"anomaly_map": anomaly_map, "detection_map": _upsample(outputs["detection_map"], size),
+        return {"anomaly_map": anomaly_map, "detection_map": _upsample(outputs["detection_map"], size), "mask": mask,
                 "image_score": outputs["image_score"], "image_score_max": anomaly_map.amax(dim=(1, 2))}
 
     def prediction_outputs(self, batch: dict) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_modules.base import Evaluation
-from benchmarks.metrics.mvtec import AUPRO, ImageAUROC, PixelAUROC, aupro, pro_curve, trapezoid
+from benchmarks.metrics.mvtec import AUPRO, ImageAUROC, PixelAUROC, aupro, aupro_threshold_sweep, pro_curve, trapezoid
 
 # One 2x3 image, one defect component of 2 pixels (x), 4 normal pixels.
 #   mask   [[0, x,  x ],     scores [[0.2, 0.9, 0.5],
@@ -148,6 +148,37 @@ def test_aupro_matches_brute_force_definition(seed: int, quantised: bool) -> Non
     if quantised:
         assert np.unique(scores).size < scores.size / 10  # many ties
     assert aupro(scores, masks) == pytest.approx(_brute_force_aupro(scores, masks), abs=1e-9)
+
+
+def _msflow_sweep_by_the_definition(scores: np.ndarray, masks: np.ndarray, steps: int = 800) -> float:
+    """MSFlow's ``eval_seg_pro`` loop as its definition reads: each threshold of ``arange(min,
+    max, (max − min)/steps)``, the mean over components of the share of their pixels above it, the
+    share of normal pixels above it; FPR < 0.3 kept, min-max rescaled, trapezoid area."""
+    labels = [ndimage.label(m > 0, structure=np.ones((3, 3)))[0] for m in masks]
+    low, high = scores.min(), scores.max()
+    fprs, pros = [], []
+    for t in np.arange(low, high, (high - low) / steps):
+        positive = scores > t
+        pros.append(np.mean([positive[i][lab == k].sum() / (lab == k).sum()
+                             for i, lab in enumerate(labels) for k in range(1, lab.max() + 1)]))
+        fprs.append(np.logical_and(masks == 0, positive).sum() / (masks == 0).sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    kept = fprs < 0.3
+    x = (fprs[kept] - fprs[kept].min()) / (fprs[kept].max() - fprs[kept].min())
+    y = pros[kept]
+    return float(abs(sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(x[:-1], x[1:], y[:-1], y[1:]))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_msflow_threshold_sweep_follows_its_definition_and_differs_from_the_official_curve(seed: int) -> None:
+    scores, masks = _random_case(seed, quantised=False)
+    swept = aupro_threshold_sweep(scores, masks, steps=200)
+    assert swept == pytest.approx(_msflow_sweep_by_the_definition(scores, masks, steps=200), abs=1e-9)
+    assert abs(swept - aupro(scores, masks)) > 1e-3  # a rescaled FPR axis: not the official number
+    metric = AUPRO(sweep_steps=200)
+    assert metric.name == "aupro_sweep200"
+    rows = {"anomaly_map": torch.from_numpy(scores), "mask": torch.from_numpy(masks)}
+    assert metric.combine_set(rows) == {"aupro_sweep200": pytest.approx(swept, abs=1e-12)}
 
 
 def test_perfect_and_constant_maps() -> None:

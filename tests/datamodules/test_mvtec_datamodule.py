@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.formats.images import CorruptFileError, read_image, read_mask
 from datamodules.mini.mvtec import CATEGORIES, write_mvtec
-from datamodules.mvtec import MVTecDataModule
+from datamodules.mvtec import MVTecDataModule, PILResize
 
 N_TRAIN, N_GOOD, N_PER_DEFECT = 12, 3, 2
 ORIGINAL, INPUT = 128, 64
@@ -86,6 +86,20 @@ def test_masks_resized_with_the_image_at_input_resolution(root: Path) -> None:
     assert batch["mask"].dtype == torch.bool
     defective = batch["label"] == 1
     assert batch["mask"][defective].flatten(1).any(1).all() and not batch["mask"][~defective].any()
+
+
+def test_images_are_resized_by_pils_antialiasing_lanczos_and_masks_by_its_nearest() -> None:
+    """MSFlow's T.Resize(LANCZOS) on PIL images: a one-pixel checkerboard downscaled 4x becomes
+    an even grey (OpenCV's INTER_LANCZOS4, which does not widen its kernel, aliases it)."""
+    checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    image = np.repeat(checker[..., None], 3, axis=2)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 20:50] = 1
+    out = A.Compose([PILResize(16)])(image=image, mask=mask)
+    expected = np.asarray(Image.fromarray(image).resize((16, 16), Image.Resampling.LANCZOS))
+    assert np.array_equal(out["image"], expected)
+    assert out["image"].std() < 2.0 and abs(float(out["image"].mean()) - 127.5) < 2.0
+    assert np.array_equal(out["mask"], np.asarray(Image.fromarray(mask).resize((16, 16), Image.Resampling.NEAREST)))
 
 
 def test_grayscale_category_gives_three_equal_channels(root: Path) -> None:
