@@ -76,8 +76,10 @@ class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        # Classification heads take their size from the data (MS1M: the property file).
+        # Classification heads take their size from the data (MS1M: the property file), detectors
+        # on feature vectors their input size (ADBench's embeddings).
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_features", "model.init_args.in_features", apply_on="instantiate")
         parser.add_argument(
             "--run_name",
             type=str | None,

@@ -13,6 +13,7 @@ CONFIGS = REPO / "configs"
 
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory) -> Path:
+    from datamodules.mini.adbench import write_adbench
     from datamodules.mini.ms1m import write_ms1m
     from datamodules.mini.mvtec import write_mvtec
     from datamodules.mini.ucf101 import write_ucf101
@@ -21,12 +22,18 @@ def mini_data(tmp_path_factory) -> Path:
     write_mvtec(root / "mvtec", seed=0)
     write_ms1m(root / "ms1m", seed=0)
     write_ucf101(root / "ucf101", seed=0)
+    write_adbench(root / "mvtec_adbench", seed=0)
     return root
 
 
 @pytest.fixture(scope="session")
 def mini_mvtec(mini_data) -> Path:
     return mini_data / "mvtec"
+
+
+@pytest.fixture(scope="session")
+def mini_adbench(mini_data) -> Path:
+    return mini_data / "mvtec_adbench"
 
 
 @pytest.fixture(scope="session")

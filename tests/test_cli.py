@@ -21,6 +21,8 @@ from conftest import CONFIGS, REPO
 MINI_PRESET = "mini.yaml"
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 METHOD_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "trainer" and p.name != MINI_PRESET)
+# Recipe variants (configs/<benchmark>/variants/), stacked on the method configs they name.
+VARIANTS = {CONFIGS / "ms1m/variants/arcface_torch_2022.yaml": [CONFIGS / "ms1m/arcface_r50.yaml", CONFIGS / "ms1m/cosface_r50.yaml"]}
 
 
 def _cli(*args: str) -> VisionZooCLI:
@@ -32,8 +34,21 @@ def _mini_args(config: Path, mini_root: Path) -> list[str]:
 
 
 def test_every_yaml_is_covered():
-    covered = set(TRAINER_PRESETS) | set(METHOD_CONFIGS) | {c.with_name(MINI_PRESET) for c in METHOD_CONFIGS}
+    covered = set(TRAINER_PRESETS) | set(METHOD_CONFIGS) | {c.with_name(MINI_PRESET) for c in METHOD_CONFIGS} | set(VARIANTS)
     assert set(CONFIGS.rglob("*.yaml")) == covered
+
+
+@pytest.mark.parametrize("variant, base", [(v, b) for v, bases in VARIANTS.items() for b in bases],
+                         ids=lambda p: p.stem)
+def test_a_recipe_variant_stacks_on_its_method_configs(variant, base, mini_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = _cli("--config", str(base), "--config", str(variant), "--data.init_args.root", str(mini_data / "ms1m"),
+               "--config", str(CONFIGS / "trainer/cpu.yaml"))
+    expected = yaml.safe_load(variant.read_text())
+    assert cli.model.recipe.lr == expected["model"]["init_args"]["optim"]["lr"]
+    assert cli.model.recipe.power == expected["model"]["init_args"]["optim"]["power"]
+    assert cli.model.head.margin_gradient == expected["model"]["init_args"]["head"]["init_args"]["margin_gradient"]
+    assert cli.trainer.max_epochs == expected["trainer"]["max_epochs"]
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -44,17 +59,24 @@ def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_
     assert Path(cli.trainer.default_root_dir) == Path("runs") / cli.datamodule.benchmark / cli.model.method_name / cli.datamodule.run_name
 
 
-# Whether the papers of a benchmark (or of one method of it) start from ImageNet weights (MVTec:
-# frozen ImageNet backbones; face recognition and video from scratch, except SeCo, which starts
-# from MoCo-v2 ImageNet weights).
-PAPERS_USE_PRETRAINED = {"mvtec": True, "ms1m": False, "ucf101": False, "ucf101/seco": True}
+# Whether the configs of a benchmark start from timm's ImageNet weights (MVTec: frozen ImageNet
+# backbones, as the papers; face recognition and video from scratch; SeCo's paper starts from
+# MoCo-v2's ImageNet weights, which timm does not serve: its config takes them as
+# model.weights, and without them starts from random weights, saying so).
+PAPERS_USE_PRETRAINED = {"mvtec": True, "mvtec_adbench": True, "ms1m": False, "ucf101": False}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_paper_config_uses_the_papers_weights_and_mini_needs_no_network(config):
     expected = PAPERS_USE_PRETRAINED.get(f"{config.parent.name}/{config.stem}", PAPERS_USE_PRETRAINED[config.parent.name])
-    assert yaml.safe_load(config.read_text())["model"]["init_args"]["pretrained"] is expected
-    assert yaml.safe_load(config.with_name(MINI_PRESET).read_text())["model"]["init_args"]["pretrained"] is False
+
+    def pretrained(path: Path) -> bool:  # the backbone is the model's, or the data's (ADBench's features)
+        content = yaml.safe_load(path.read_text())
+        model, data = (content.get(key, {}).get("init_args", {}) for key in ("model", "data"))
+        return model.get("pretrained", data.get("pretrained"))
+
+    assert pretrained(config) is expected
+    assert pretrained(config.with_name(MINI_PRESET)) is False
 
 
 @pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)
@@ -152,6 +174,15 @@ def test_msflow_learns_the_mini_set_end_to_end(mini_mvtec, tmp_path, monkeypatch
     names, rows = tables["mvtec"]
     assert rows[0][:2] == ["msflow", "weave"]
     assert rows[0][2 + names.index("image_auroc")] == f"{100 * metrics['image_auroc']:.2f}"
+
+    # The paper's protocol: at the input resolution (here also the ground truth's: 128 px), AU-PRO
+    # by the authors' 800-threshold sweep, named apart from the official AU-PRO.
+    VisionZooCLI(args=["test", *args, "--ckpt_path", "last", "--model.init_args.evaluation_protocol", "authors"])
+    authors = json.loads((run / "results.json").read_text())["metrics"]
+    assert "aupro" not in authors and 0.5 < authors["aupro_sweep800"] <= 1.0
+    assert authors["aupro_sweep800"] != pytest.approx(metrics["aupro"], abs=1e-6)
+    for same in ("image_auroc", "image_auroc_max", "pixel_auroc"):
+        assert authors[same] == pytest.approx(metrics[same], abs=1e-12)
 
 
 def test_run_directory_overrides(mini_mvtec, tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
-"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini {mvtec,ms1m,ucf101} OUT``."""
+"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101} OUT``."""
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.mini import ms1m, mvtec, ucf101
+from datamodules.mini import adbench, ms1m, mvtec, ucf101
 
 
 def _summary(root: Path) -> str:
@@ -32,6 +32,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_mvtec.set_defaults(
         write=lambda args: mvtec.write_mvtec(args.out, args.categories, args.seed, args.image_size)
     )
+
+    parser_adbench = benchmarks.add_parser("adbench", help="mini ADBench features of an MVTec category (synthetic)")
+    parser_adbench.add_argument("out", type=Path)
+    parser_adbench.add_argument("--category", default="weave")
+    parser_adbench.add_argument("--seed", type=int, default=0)
+    parser_adbench.set_defaults(write=lambda args: adbench.write_adbench(args.out, args.category, args.seed).parent.parent)
 
     parser_ms1m = benchmarks.add_parser("ms1m", help="mini MS1M + verification .bin sets (synthetic faces)")
     parser_ms1m.add_argument("out", type=Path)
