@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -197,12 +197,26 @@ class ClipSampler:
     """One training sample from one video: a clip of the DataModule's :class:`ClipSpec` at a
     random position, randomly crop-resized (area fraction ``crop_scale``) and flipped, as dict
     ``video`` [3, T, H, W]. Pretext samplers subclass it, keep their own options in
-    ``__init__`` and return their own fields."""
+    ``__init__`` and return their own fields.
 
-    def __init__(self, crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
+    ``crop_from``: the crop box is drawn on the frames with their short side resized to the
+    spec's ``resize`` (``resized``), or on the decoded frames as they are (``full``, as the CMD
+    and CSTP code do: their 128-pixel rescale is for validation). An area fraction selects the
+    same region either way; the crop is resampled to ``image_size`` once from full resolution
+    rather than twice."""
+
+    def __init__(self, crop_scale: tuple[float, float] = (0.2, 1.0), crop_from: Literal["resized", "full"] = "resized") -> None:
+        if crop_from not in ("resized", "full"):
+            raise ValueError(f"crop_from must be 'resized' or 'full', got {crop_from!r}")
         self.crop_scale = crop_scale
+        self.crop_from = crop_from
+
+    def crop_source_size(self, frames: np.ndarray | Tensor, spec: ClipSpec) -> int:
+        """The short side the crop box is drawn on: the spec's ``resize``, or the frames' own.
+        ``frames`` are decoded frames [T, H, W, 3]."""
+        return spec.resize if self.crop_from == "resized" else min(frames.shape[1], frames.shape[2])
 
     def __call__(self, video: VideoReader, record: VideoRecord, spec: ClipSpec, generator: torch.Generator) -> dict[str, Any]:
         start = random_start(len(video), spec.span, generator)
         frames = video.frames(clip_indices(start, spec.num_frames, spec.frame_stride, len(video)))
-        return {"video": train_clip(frames, spec.image_size, generator, self.crop_scale, spec.resize)}
+        return {"video": train_clip(frames, spec.image_size, generator, self.crop_scale, self.crop_source_size(frames, spec))}

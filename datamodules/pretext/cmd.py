@@ -36,12 +36,11 @@ that ``skip_corrupt`` replaces it (no UCF101 video is that short at the default 
 **Augmentation** (card §4; the code's ``Compose`` of RandomCrop min-area 0.2, RandomHFlip,
 GaussianBlur p 0.5, ColorJitter p 0.5, RandomGray p 0.2):
 
-- RGB clip: short side resized to ``resize``, a random crop of area 0.2–1 and aspect 3/4–4/3
-  resized to ``image_size``, a flip with p 0.5, :class:`~datamodules.clips.ColorAugment` with
-  jitter (0.4, 0.4, 0.4, 0.1) p 0.5, grayscale p 0.2, blur σ ∈ [0.1, 2] p 0.5, one draw per clip.
-  The code crops its training frames at their original size (its 128-pixel rescale is for
-  validation only); the crop is drawn as an area fraction, so resizing first selects the same
-  regions. The code blurs before the colour jitter and shuffles the four jitter operations;
+- RGB clip: a random crop of area 0.2–1 and aspect 3/4–4/3 of the decoded frames, resized to
+  ``image_size``, a flip with p 0.5, :class:`~datamodules.clips.ColorAugment` with jitter (0.4,
+  0.4, 0.4, 0.1) p 0.5, grayscale p 0.2, blur σ ∈ [0.1, 2] p 0.5, one draw per clip. As the code,
+  the crop is taken at the frames' original size (its 128-pixel rescale is for validation only);
+  ``crop_from: resized`` draws it on frames resized to ``resize`` first. The code blurs before the colour jitter and shuffles the four jitter operations;
   :class:`ColorAugment` jitters in a fixed order, then blurs.
 - Positive MV clip: the **same** resize, crop box and flip as the RGB clip (:func:`motion_view`),
   resampled bilinearly without changing the values (the code's ``cv2.resize``), the flip mirroring
@@ -69,7 +68,7 @@ MPEG-4 Part 2 without B-frames.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -193,9 +192,10 @@ class ContextMotionClips(ClipSampler):
         shared_negative_crop: bool = False,
         swap_iframe_channels: bool = True,
         crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_from: Literal["resized", "full"] = "full",
         color: ColorAugment = ColorAugment(p_jitter=0.5),
     ) -> None:
-        super().__init__(tuple(crop_scale))
+        super().__init__(tuple(crop_scale), crop_from)
         if future_frames < 1 or num_negatives < 0 or future_interval < 0 or negative_interval < 0:
             raise ValueError("future_frames must be positive; num_negatives, future_interval and negative_interval not negative")
         self.compressed_root = None if compressed_root is None else Path(compressed_root)
@@ -253,7 +253,8 @@ class ContextMotionClips(ClipSampler):
                 f"{compressed.path} is {compressed.width}x{compressed.height} but {record.path} is "
                 f"{frames.shape[2]}x{frames.shape[1]}; CMD crops both with one box: re-encode without resizing"
             )
-        rgb = resize_short_side(as_clip(frames), spec.resize)
+        source = self.crop_source_size(frames, spec)
+        rgb = resize_short_side(as_clip(frames), source)
         grid = rgb.shape[-2:]  # the resized frame, also the resized MV map
         box, flip = random_resized_crop_box(*grid, generator, self.crop_scale), coin(0.5, generator)
         clip = self._view(rgb, box, flip, spec.image_size, generator)
@@ -262,14 +263,14 @@ class ContextMotionClips(ClipSampler):
         mv = compressed.motion_vectors([s + k for s in starts for k in range(window)])
         mv = mv.reshape(len(starts), window, *mv.shape[1:])
         mv_size = self.mv_size or spec.image_size
-        motion = motion_view(mv[0], spec.resize, box, mv_size, flip, self.mv_clamp)
+        motion = motion_view(mv[0], source, box, mv_size, flip, self.mv_clamp)
         negative = []
         for negative_mv in mv[1:]:
             if self.shared_negative_crop:
                 negative_box, negative_flip = box, flip
             else:
                 negative_box, negative_flip = random_resized_crop_box(*grid, generator, self.crop_scale), coin(0.5, generator)
-            negative.append(motion_view(negative_mv, spec.resize, negative_box, mv_size, negative_flip, self.mv_clamp))
+            negative.append(motion_view(negative_mv, source, negative_box, mv_size, negative_flip, self.mv_clamp))
 
         iframe = compressed.iframe(iframe_index)
         if self.swap_iframe_channels:

@@ -39,13 +39,14 @@ Deviations from the code, each to keep a label true to what the network sees:
 - Crop 1 uses :func:`datamodules.clips.random_resized_crop_box` (log-uniform aspect ratio, the
   centre crop after 10 failed tries); the code draws the aspect uniformly, swaps w and h with
   probability 0.5, and retries until it fits. Frames are normalised with the ImageNet mean and std
-  (the code scales to [−1, 1]) and the frames are resized to the DataModule's ``resize`` first.
+  (the code scales to [−1, 1]). The crops are drawn on the decoded frames at their own size, as
+  the code does (``crop_from: resized`` resizes them to the DataModule's ``resize`` first).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -160,11 +161,12 @@ class STORClips(ClipSampler):
         temporal_overlaps: tuple[float, ...] = OVERLAP_RATES,
         spatial_overlaps: tuple[float, ...] = OVERLAP_RATES,
         crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_from: Literal["resized", "full"] = "full",
         strong_augment_p: float = 0.3,
         strong_rotation: float = 10.0,
         color: ColorAugment = ColorAugment(),
     ) -> None:
-        super().__init__(crop_scale)
+        super().__init__(crop_scale, crop_from)
         if list(paces) != sorted(paces) or paces[0] < 1:
             raise ValueError(f"paces must be increasing positive integers, got {paces}")
         for name, rates in (("temporal_overlaps", temporal_overlaps), ("spatial_overlaps", spatial_overlaps)):
@@ -183,7 +185,8 @@ class STORClips(ClipSampler):
         pace = self.paces[pace_label]
         start1, start2, temporal_label = draw_temporal_pair(length, num_frames, pace, self.temporal_overlaps, generator)
         indices = clip_indices(start1, num_frames, pace, length) + clip_indices(start2, num_frames, pace, length)
-        frames = resize_short_side(as_clip(video.frames(indices)), spec.resize)
+        decoded = video.frames(indices)
+        frames = resize_short_side(as_clip(decoded), self.crop_source_size(decoded, spec))
         height, width = frames.shape[-2:]
         box1 = random_resized_crop_box(height, width, generator, self.crop_scale)
         box2, spatial_label = draw_overlap_crop(box1, height, width, self.spatial_overlaps, generator)

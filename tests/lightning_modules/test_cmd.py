@@ -18,7 +18,8 @@ from datamodules.clips import crop_resize
 from datamodules.formats.compressed_video import CompressedVideo
 from datamodules.formats.video import VideoReader
 from datamodules.pretext.cmd import ContextMotionClips, clip_and_future, motion_view, negative_starts
-from datamodules.clips import ClipSpec
+from datamodules.clips import ClipSampler, ClipSpec
+from datamodules.pretext.cstp import STORClips
 from datamodules.ucf101 import UCF101DataModule
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.cmd import GridEmbedding, gathered_info_nce, motion_keys
@@ -183,6 +184,18 @@ def test_mv_clip_shares_the_rgb_crop_box_and_flip_and_is_clamped_without_sign_ch
     view = motion_view(big, 4, (0, 0, 4, 4), 4, True, clamp=10.0)
     assert torch.equal(view[0, 0, :, 2:], torch.full((4, 2), -1.0)) and torch.equal(view[0, 0, :, :2], torch.ones(4, 2))
     torch.testing.assert_close(view[1], torch.full((1, 4, 4), -0.3))
+
+
+def test_cmd_and_cstp_crop_the_decoded_frames_as_their_code_and_can_crop_resized_ones():
+    """The crop box is drawn on the frames as decoded (the code's training transform), or with
+    crop_from resized on frames whose short side was first resized to the spec's resize."""
+    frames = np.zeros((2, 48, 80, 3), np.uint8)
+    for sampler in (ContextMotionClips(), STORClips()):
+        assert sampler.crop_source_size(frames, MINI_SPEC) == 48
+    assert ContextMotionClips(crop_from="resized").crop_source_size(frames, MINI_SPEC) == 72
+    assert ClipSampler().crop_source_size(frames, MINI_SPEC) == 72  # the protocols resize first
+    with pytest.raises(ValueError, match="crop_from"):
+        ClipSampler(crop_from="native")
 
 
 def test_warmup_from_one_percent_then_cosine_to_zero():
