@@ -20,14 +20,19 @@ dominant normal data biases a detector. AnoOnly, a plug-in for existing detector
 Detectors (``detector``) and their recipes, the authors' ``baselines/`` (each config names its own):
 DeepSAD, Adam lr 1e-3 weight decay 1e-6, 50 epochs, balanced batches of 128; DevNet, RMSprop lr
 2e-4 (Keras' ρ 0.9), 50 epochs of 20 batches of 64 half anomalies; PReNet, RMSprop lr 1e-3 weight
-decay 1e-2 with a cosine to 1e-5 by epoch, 50 epochs of 20 batches of 512 pairs.
+decay 1e-2 with a cosine to 1e-5 by epoch, 50 epochs of 20 batches of 512 pairs; FEAWAD, Adam lr
+1e-4, its autoencoder first for 100 epochs on the unlabelled samples, then 30 epochs end to end,
+20 batches of 512 a epoch, half anomalies.
 
 Deviations from the authors' code:
 
-- FEAWAD, the fourth detector of the paper, is not implemented.
+- FEAWAD's autoencoder trains on the unlabelled half of each balanced batch (the code draws
+  batches of unlabelled samples only), and one Adam carries its state from the autoencoder's
+  epochs into the end-to-end ones (the code compiles a fresh one).
+- DevNet's layers keep PyTorch's initialisation (Keras: Glorot uniform, zero biases).
 - DeepSAD's centre c is the mean code of the whole training split, not of the batches its
-  sampler draws first; DevNet keeps its last weights, where the Keras code restores those of
-  the epoch with the lowest training loss; RMSprop's ε is torch's 1e-8 (Keras: 1e-7).
+  sampler draws first; DevNet and FEAWAD keep their last weights, where the Keras code restores
+  those of the epoch with the lowest training loss; RMSprop's ε is torch's 1e-8 (Keras: 1e-7).
 - PReNet draws its test-time reference pairs from a generator seeded by ``seed``.
 """
 
@@ -36,23 +41,25 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.mvtec import ImageAUROC
 from lightning_modules.base import EvaluatedModule, Stage
-from lightning_modules.nn.semi_supervised_ad import DeepSAD, DevNet, PReNet
+from lightning_modules.nn.semi_supervised_ad import FEAWAD, DeepSAD, DevNet, PReNet
 from lightning_modules.recipe import OptimizerRecipe
 
-Detector = Literal["deepsad", "devnet", "prenet"]
+Detector = Literal["deepsad", "devnet", "prenet", "feawad"]
 
 
 class AnoOnly(EvaluatedModule):
     """A semi-supervised detector trained with AnoOnly's loss, or its own (module docstring).
 
     ``in_features``: the feature dimension (linked from the data). ``detector``: ``deepsad``,
-    ``devnet`` or ``prenet``. ``anomaly_only``: AnoOnly's loss (default) or the detector's.
-    ``reference_draws``: PReNet's test-time pairs per side (the authors' 30).
+    ``devnet``, ``prenet`` or ``feawad``. ``anomaly_only``: AnoOnly's loss (default) or the
+    detector's. ``reference_draws``: PReNet's test-time pairs per side (the authors' 30).
+    ``autoencoder_epochs``: FEAWAD's autoencoder pretraining, the first epochs of the run.
     """
 
     def __init__(
@@ -61,12 +68,13 @@ class AnoOnly(EvaluatedModule):
         detector: Detector = "deepsad",
         anomaly_only: bool = True,
         reference_draws: int = 30,
+        autoencoder_epochs: int = 100,
         optim: OptimizerRecipe = OptimizerRecipe(lr=1e-3, optimizer="adam", weight_decay=1e-6, schedule="constant"),
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        networks = {"deepsad": DeepSAD, "devnet": DevNet, "prenet": PReNet}
+        networks = {"deepsad": DeepSAD, "devnet": DevNet, "prenet": PReNet, "feawad": FEAWAD}
         if detector not in networks:
             raise ValueError(f"model.detector must be one of {sorted(networks)}, got {detector!r}")
         self.detector = networks[detector](in_features)
@@ -82,7 +90,19 @@ class AnoOnly(EvaluatedModule):
             rows = self.trainer.datamodule.training_set()
             self.detector.set_center(rows.features.to(self.device))
 
+    def pretraining_autoencoder(self) -> bool:
+        """Whether this epoch belongs to FEAWAD's autoencoder pretraining."""
+        return isinstance(self.detector, FEAWAD) and self.current_epoch < self.hparams.autoencoder_epochs
+
+    def on_train_epoch_start(self) -> None:
+        if isinstance(self.detector, FEAWAD) and self.current_epoch == self.hparams.autoencoder_epochs > 0:
+            rank_zero_info(f"FEAWAD: autoencoder pretrained for {self.current_epoch} epochs; end-to-end training starts")
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.pretraining_autoencoder():
+            loss = self.detector.reconstruction_loss(batch["features"][batch["label"] == 0])
+            self.log("train/reconstruction_loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+            return loss
         loss = self.detector.loss(batch["features"], batch["label"], self.hparams.anomaly_only)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss

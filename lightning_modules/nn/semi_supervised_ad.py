@@ -1,6 +1,7 @@
 """Semi-supervised anomaly scorers on feature vectors, as ADBench runs them for AnoOnly (Zhou et
-al., arXiv 2305.18798; cool-xuan/AnoOnly ``baselines/``): DeepSAD, DevNet and PReNet, each with
-its original loss and AnoOnly's, which keeps the loss on the labelled anomalies only.
+al., arXiv 2305.18798; cool-xuan/AnoOnly ``baselines/``): DeepSAD, DevNet, PReNet and
+FEAWAD, each with its original loss and AnoOnly's, which keeps the loss on the labelled
+anomalies only.
 
 Every scorer takes a batch of features ``x`` [B, D] and ``labels`` [B] (1: a labelled anomaly,
 0: unlabelled, mostly normal) and scores the **whole** batch in one forward, so that its
@@ -151,3 +152,54 @@ class PReNet(nn.Module):
             repeated = sample.expand(draws, -1)
             scores.append((self.pair_score(a, repeated) + self.pair_score(repeated, u)).mean())
         return torch.stack(scores)
+
+
+class FEAWAD(nn.Module):
+    """FEAWAD (Zhou et al., IEEE TNNLS 2021) as ADBench's Keras ``dev_network_d``: an autoencoder
+    x → Dense(d) → Dense(128) → Dense(64) = h → Dense(128) → Dense(d) = x̂ (all ReLU), first trained
+    alone on unlabelled samples (:meth:`reconstruction_loss`, MSE); then end to end, the residual
+    r = x − x̂, its norm ‖r‖ and r̂ = r/‖r‖ feed Dense(256) on [r̂, h, ‖r‖], Dense(32) on [·, ‖r‖],
+    BatchNorm (Keras' momentum 0.99, eps 1e-3) on [·, ‖r‖] and Dense(1) = s, the score. Loss, as
+    coded (its residual term reads the norm of the *normalised* residual, 1, so it only adds a
+    constant): (1 − y)(|s| + ‖r̂‖) + y(max(0, m − s) + max(0, m − ‖r̂‖)), m = 5, averaged over the
+    batch; AnoOnly keeps the y terms. Weights Glorot-normal, biases 0 (the code's initialiser)."""
+
+    def __init__(self, in_features: int, margin: float = 5.0) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(), nn.Linear(in_features, 128), nn.ReLU(),
+                                     nn.Linear(128, 64), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, in_features), nn.ReLU())
+        self.hidden1 = nn.Linear(in_features + 64 + 1, 256)
+        self.hidden2 = nn.Linear(256 + 1, 32)
+        self.norm = nn.BatchNorm1d(32 + 1, eps=1e-3, momentum=0.01)
+        self.output = nn.Linear(32 + 1, 1)
+        self.margin = margin
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def reconstruction_loss(self, x: Tensor) -> Tensor:
+        """The autoencoder's pretraining loss on (unlabelled) samples ``x``."""
+        return (self.decoder(self.encoder(x)) - x).pow(2).mean()
+
+    def _score_and_residual(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        code = self.encoder(x)
+        residual = x - self.decoder(code)
+        norm = residual.norm(dim=1, keepdim=True)
+        unit = residual / norm
+        h = torch.relu(self.hidden1(torch.cat([unit, code, norm], dim=1)))
+        h = torch.relu(self.hidden2(torch.cat([h, norm], dim=1)))
+        return self.output(self.norm(torch.cat([h, norm], dim=1))).squeeze(1), unit
+
+    def score(self, x: Tensor) -> Tensor:
+        return self._score_and_residual(x)[0]
+
+    def loss(self, x: Tensor, labels: Tensor, anomaly_only: bool) -> Tensor:
+        s, unit = self._score_and_residual(x)
+        unit_norm = unit.norm(dim=1)
+        y = labels.to(s.dtype)
+        anomalous = y * (torch.clamp(self.margin - s, min=0) + torch.clamp(self.margin - unit_norm, min=0))
+        if anomaly_only:
+            return anomalous.mean() if bool((labels == 1).any()) else s.sum() * 0.0
+        return ((1 - y) * (s.abs() + unit_norm) + anomalous).mean()
