@@ -59,6 +59,7 @@ import av
 import numpy as np
 
 from datamodules.formats.images import CorruptFileError
+from datamodules.formats.video import check_not_truncated
 
 if TYPE_CHECKING:
     from av.container import InputContainer
@@ -114,6 +115,7 @@ class CompressedVideo:
                 raise ValueError(f"{self.path}: the video codec is {codec.name!r}; {_REENCODE_HINT}")
             self.width, self.height = codec.width, codec.height
             self._extradata = codec.extradata
+            declared = int(stream.frames)
             self._packets: list[bytes] = []
             try:
                 for packet in container.demux(stream):
@@ -125,6 +127,7 @@ class CompressedVideo:
                 ) from None
         if not self._packets:
             raise CorruptFileError(f"{self.path}: the video stream has no frames")
+        check_not_truncated(self.path, declared, len(self._packets))
         self.frame_types: list[str] = [self._frame_type(i, data) for i, data in enumerate(self._packets)]
         self.iframe_indices: list[int] = [i for i, kind in enumerate(self.frame_types) if kind == "I"]
         if self.frame_types[0] != "I":

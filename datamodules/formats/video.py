@@ -23,6 +23,13 @@ from datamodules.formats.images import CorruptFileError
 Backend = Literal["decord", "pyav"]
 
 
+def check_not_truncated(path: Path, declared: int, readable: int) -> None:
+    """A CorruptFileError naming ``path`` when fewer frames can be read than its header declares
+    (0: declares none), with one frame of slack for headers that count differently."""
+    if readable < declared - 1:
+        raise CorruptFileError(f"video {path} is truncated: its header declares {declared} frames, {readable} can be read")
+
+
 class VideoReader:
     """One open video. ``num_threads`` is decord's decoding threads per reader: 1 when several
     DataLoader workers decode in parallel (the default), more for a single reader."""
@@ -46,10 +53,7 @@ class VideoReader:
             raise ValueError(f"backend must be 'decord' or 'pyav', got {backend!r}")
         if self.num_frames == 0:
             raise CorruptFileError(f"video {self.path} has no frames")
-        declared = self._declared_frames()
-        if self.num_frames < declared - 1:  # one frame of slack for headers that count differently
-            raise CorruptFileError(f"video {self.path} is truncated: its header declares {declared} frames, "
-                                   f"{self.num_frames} can be read")
+        check_not_truncated(self.path, self._declared_frames(), self.num_frames)
 
     def __len__(self) -> int:
         return self.num_frames

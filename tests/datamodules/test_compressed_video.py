@@ -257,6 +257,15 @@ def test_corrupt_files_raise_corrupt_video_error(tmp_path):
         CompressedVideo(tmp_path / "v_missing.avi")
 
 
+def test_a_truncated_video_is_corrupt(rightward, tmp_path):
+    """Cut short, an AVI still declares all its frames: the reader counts the packets it finds."""
+    cut = tmp_path / "v_cut.avi"
+    source = rightward[0].path
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match=rf"{cut.name} is truncated: its header declares \d+ frames, \d+ can be read"):
+        CompressedVideo(cut)
+
+
 def test_command_line_mirrors_resumes_and_reports_failures(tmp_path, capsys):
     src, dst = tmp_path / "UCF-101", tmp_path / "UCF-101-mpeg4"
     names = [
