@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install ffmpeg clean-demo
 
 install: $(INSTALLED)
 
@@ -14,7 +14,14 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -c "import torch, torchvision, timm, lightning; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| lightning', lightning.__version__)"
+	$(MAKE) --no-print-directory ffmpeg
 	touch $(INSTALLED)
+
+# The FFmpeg shared libraries torchcodec loads (Debian 12's FFmpeg 5.1), installed with apt-get
+# where this runs as root; elsewhere a note: the video backend `auto` then decodes with decord.
+FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
+ffmpeg:
+	@if ldconfig -p 2>/dev/null | grep -q 'libavcodec.so.59 '; then 	  echo "FFmpeg libraries present: torchcodec can decode"; 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then 	  echo "installing the FFmpeg libraries for torchcodec with apt-get"; 	  apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/tmp/visionzoo-ffmpeg-apt.log 2>&1 || 	  { apt-get update -q >>/tmp/visionzoo-ffmpeg-apt.log 2>&1 && 	    apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >>/tmp/visionzoo-ffmpeg-apt.log 2>&1; } || 	  echo "apt-get could not install $(FFMPEG_LIBS) (log: /tmp/visionzoo-ffmpeg-apt.log): videos decode with decord"; 	else 	  echo "FFmpeg libraries missing ($(FFMPEG_LIBS) on Debian; root needed): videos decode with decord, not torchcodec"; 	fi
 
 # The main job on built-in mini data: write the mini MVTec AD set, fit and test MSFlow on
 # each of its categories on the CPU, print the leaderboard and where the pictures are.

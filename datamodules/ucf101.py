@@ -27,13 +27,14 @@ import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, default_collate
 
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.corrupt import CorruptSamples
 from datamodules.clips import ClipSampler, ClipSpec, VideoRecord, clip_indices, eval_clip, uniform_starts
 from datamodules.formats.images import CorruptFileError
-from datamodules.formats.video import Backend, VideoReader
+from datamodules.formats.video import Backend, VideoReader, backend_choice, resolve_backend
 from datamodules.layout import layout_error
 from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
 
@@ -104,7 +105,7 @@ class TrainVideos(_VideoFiles):
     """One sample per video per epoch from ``sampler``, plus ``label``, ``path`` and ``video_index``.
     With ``skip_corrupt`` a corrupt video is replaced by a random other one."""
 
-    def __init__(self, records: list[VideoRecord], sampler: ClipSampler, spec: ClipSpec, backend: Backend = "decord",
+    def __init__(self, records: list[VideoRecord], sampler: ClipSampler, spec: ClipSpec, backend: Backend = "auto",
                  decode_threads: int = 1, skip_corrupt: bool = False) -> None:
         super().__init__(records, backend, decode_threads, skip_corrupt)
         self.sampler = sampler
@@ -127,7 +128,7 @@ class EvalClips(_VideoFiles):
     clip k % clips_per_video of video k // clips_per_video. With ``skip_corrupt`` the clips of a
     corrupt video are dropped from their batch (:func:`collate_dropping_skipped`) and counted."""
 
-    def __init__(self, records: list[VideoRecord], clips_per_video: int, spec: ClipSpec, backend: Backend = "decord",
+    def __init__(self, records: list[VideoRecord], clips_per_video: int, spec: ClipSpec, backend: Backend = "auto",
                  decode_threads: int = 1, skip_corrupt: bool = False) -> None:
         super().__init__(records, backend, decode_threads, skip_corrupt)
         self.clips_per_video = clips_per_video
@@ -169,8 +170,9 @@ class UCF101DataModule(VisionZooDataModule):
     ``num_frames``, ``frame_stride``, ``image_size`` and ``resize`` are the clip geometry
     (:class:`ClipSpec`) of every clip; ``train_sampler`` builds the training samples (default
     :class:`ClipSampler`, one random clip; pretext tasks give their own).
-    ``backend`` is ``decord`` (seeking, fast) or ``pyav`` (sequential decoding, for files that
-    decord mis-seeks); ``decode_threads`` is decord's threads per DataLoader worker.
+    ``backend``: ``auto`` (torchcodec where its FFmpeg libraries load, else decord; the run logs
+    which), ``torchcodec``, ``decord`` (both seeking, fast) or ``pyav`` (sequential decoding, for
+    files the others mis-seek); ``decode_threads`` is the decoder's threads per DataLoader worker.
     """
 
     benchmark = "ucf101"
@@ -189,7 +191,7 @@ class UCF101DataModule(VisionZooDataModule):
         test_gallery: bool = False,
         batch_size: int = 16,
         num_workers: int = 4,
-        backend: Backend = "decord",
+        backend: Backend = "auto",
         decode_threads: int = 1,
         skip_corrupt: bool = False,
     ) -> None:
@@ -268,7 +270,8 @@ class UCF101DataModule(VisionZooDataModule):
         if leaked:
             raise ValueError(f"split {self.split}: {len(leaked)} videos are in both the train and the test list, e.g. {leaked[:3]}")
         hp = self.hparams
-        io = {"backend": hp.backend, "decode_threads": hp.decode_threads, "skip_corrupt": hp.skip_corrupt}
+        rank_zero_info(f"UCF101 videos decoded with {backend_choice(hp.backend)}")
+        io = {"backend": resolve_backend(hp.backend), "decode_threads": hp.decode_threads, "skip_corrupt": hp.skip_corrupt}
         self.datasets = {
             "train": TrainVideos(train, self.train_sampler, self.clip_spec, **io),
             "val": EvalClips(test, hp.val_clips, self.clip_spec, **io),

@@ -1,6 +1,6 @@
 """Clips per second of the UCF101 training loader against a plain sequential decode.
 
-    python -m benchmarks.perf.video_loading --root data/mini/ucf101 --backends decord pyav \
+    python -m benchmarks.perf.video_loading --root data/mini/ucf101 --backends torchcodec decord pyav \
         --workers 0 2 4 --clips 256 --out runs/perf/video_loading.json
 
 For each backend it measures, on the same videos of the split-1 train list,
@@ -82,7 +82,8 @@ def _frames_match(videos: list[Path], backend: Backend, num_frames: int, frame_s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("data/mini/ucf101"))
-    parser.add_argument("--backends", nargs="+", choices=["decord", "pyav"], default=["decord", "pyav"])
+    parser.add_argument("--backends", nargs="+", choices=["torchcodec", "decord", "pyav"],
+                        default=["torchcodec", "decord", "pyav"])
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--clips", type=int, default=128, help="clips measured per configuration")
     parser.add_argument("--num-frames", type=int, default=16)

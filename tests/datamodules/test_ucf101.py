@@ -5,6 +5,7 @@ skipped and counted)."""
 from __future__ import annotations
 
 import shutil
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from datamodules.formats.video import VideoReader
 from datamodules.mini.ucf101 import write_avi
 from datamodules.ucf101 import UCF101DataModule, read_class_index, read_split_list
 
+BACKENDS = ["torchcodec", "decord", "pyav"]
 SMALL_CLIPS = {"num_frames": 4, "frame_stride": 2, "image_size": 32, "resize": 40, "batch_size": 4, "num_workers": 0}
 
 
@@ -95,8 +97,9 @@ def test_clip_positions():
     assert starts == set(range(10))
 
 
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_return_the_requested_frames(tmp_path, backend):
+    _skip_without(backend)
     reader = VideoReader(_numbered_video(tmp_path / "numbered.avi"), backend)
     assert len(reader) == 30
     frames = reader.frames([29, 0, 13, 13, 4])
@@ -104,6 +107,22 @@ def test_backends_return_the_requested_frames(tmp_path, backend):
     np.testing.assert_allclose(frames.reshape(5, -1).mean(1) / 8, [29, 0, 13, 13, 4], atol=0.5)
     with pytest.raises(IndexError, match="out of range"):
         reader.frames([30])
+
+
+def test_auto_takes_torchcodec_where_it_loads_else_decord_and_says_why(mini_ucf101, monkeypatch, caplog):
+    from datamodules.formats import video
+
+    caplog.set_level("INFO", logger="lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(video, "torchcodec_unavailable", lambda: "OSError: libavutil.so.57: cannot open shared object file")
+    assert video.resolve_backend("auto") == "decord"
+    with pytest.raises(RuntimeError, match=r"torchcodec cannot load \(OSError: libavutil.*apt-get install libavcodec59"):
+        video.resolve_backend("torchcodec")
+    UCF101DataModule(str(mini_ucf101), **SMALL_CLIPS).setup("fit")
+    assert "UCF101 videos decoded with decord (torchcodec unavailable: OSError: libavutil" in caplog.text
+    monkeypatch.setattr(video, "torchcodec_unavailable", lambda: None)
+    assert video.resolve_backend("auto") == "torchcodec"
+    with pytest.raises(ValueError, match="backend must be"):
+        video.resolve_backend("opencv")
 
 
 def test_one_spatial_transform_for_all_frames_of_a_clip():
@@ -129,8 +148,9 @@ def test_color_augment_draws_once_per_clip_and_checks_its_options():
         ColorAugment(blur_sigma=(2.0, 0.1))
 
 
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_loaders_give_clips_with_labels_paths_and_video_positions(mini_ucf101, backend):
+    _skip_without(backend)
     datamodule = UCF101DataModule(str(mini_ucf101), test_clips=3, test_gallery=True, backend=backend, **SMALL_CLIPS)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
@@ -141,6 +161,13 @@ def test_loaders_give_clips_with_labels_paths_and_video_positions(mini_ucf101, b
     batch = next(iter(queries))
     assert batch["video_index"].tolist() == [0, 0, 0, 1] and batch["clip_index"].tolist() == [0, 1, 2, 0]
     assert not torch.equal(batch["video"][0], batch["video"][1])  # three positions in the video
+
+
+def _skip_without(backend: str) -> None:
+    from datamodules.formats.video import torchcodec_unavailable
+
+    if backend == "torchcodec" and torchcodec_unavailable() and os.environ.get("CI") != "true":
+        pytest.skip(f"torchcodec does not load here ({torchcodec_unavailable()}); `make ffmpeg` installs its libraries")
 
 
 def _corrupt_one(root: Path, which: str) -> Path:
@@ -158,8 +185,9 @@ def test_corrupt_video_is_an_error_naming_it(ucf_copy):
         next(iter(datamodule.test_dataloader()))
 
 
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_truncated_video_is_corrupt_not_a_still_clip(ucf_copy, backend):
+    _skip_without(backend)
     """Cut at half its bytes, an AVI still declares all its frames but reads as one; clip
     sampling would repeat that frame into a still clip."""
     name = (ucf_copy / "ucfTrainTestlist/testlist01.txt").read_text().splitlines()[0].split()[0]
