@@ -304,6 +304,29 @@ def test_linear_probe_and_retrieval_of_a_pretrained_backbone_beat_chance(mini_uc
     assert retrieval_metrics["R@1"] >= 0.4, retrieval_metrics
 
 
+@pytest.mark.slow
+def test_seco_pretraining_lifts_the_linear_probe_above_a_random_backbone(mini_ucf101, tmp_path, monkeypatch):
+    """SeCo on a tiny 2-D ResNet (test_resnet, queue 256, 15 epochs), then the same linear probe
+    on its backbone and on the randomly initialised one (the baseline, in this test). Measured:
+    probe video top-1 0.83 against 0.74 (5 classes, 35 test videos, chance 0.2)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = [*TINY_CLIPS, "--model.init_args.backbone", "test_resnet"]
+    pretrain = VisionZooCLI(args=["fit", *_config_args("seco", mini_ucf101), *tiny, "--model.init_args.queue_size", "256",
+                                  "--trainer.max_epochs", "15"])
+    checkpoint = str(Path(pretrain.trainer.default_root_dir) / "checkpoints/last.ckpt")
+    top1 = {}
+    for start in ("seco", "random"):
+        probe = [*_config_args("linear_probe", mini_ucf101), *tiny, "--run_name", start, "--trainer.max_epochs", "12",
+                 "--trainer.limit_val_batches", "0", "--data.init_args.train_sampler", "datamodules.clips.ClipSampler",
+                 "--data.init_args.train_sampler.init_args.crop_scale", "[0.6, 1.0]"]
+        if start == "seco":
+            probe += ["--model.init_args.pretrained_checkpoint", checkpoint]
+        VisionZooCLI(args=["fit", *probe])
+        VisionZooCLI(args=["test", *probe, "--ckpt_path", "last"])
+        top1[start] = json.loads(Path(f"runs/ucf101/linear_probe/{start}/results.json").read_text())["metrics"]["video_top1"]
+    assert top1["seco"] >= top1["random"] + 0.05, top1
+
+
 def test_corrupt_videos_skipped_at_test_time_are_named_in_results_and_marked_on_the_leaderboard(
         mini_ucf101, tmp_path, monkeypatch):
     import shutil
