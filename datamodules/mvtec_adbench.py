@@ -19,7 +19,8 @@ the protocol of AnoOnly's ``data_generator.py``): one feature vector per image, 
 5. **Batches.** Each training batch holds ``anomalies_per_batch`` labelled anomalies and
    ``unlabelled_per_batch`` unlabelled samples, both drawn without repeats until their pool is
    used up (the authors' ``BalancedBatchSampler``), ``batches_per_epoch`` (20) a epoch; so no
-   batch lacks an anomaly. Test batches are the test split in order.
+   batch lacks an anomaly. Under DDP each rank draws its own such batches. Test batches are the
+   test split in order.
 
 Training items are ``{"features", "label"}``; test items add the image's true label (1 for a
 defect) as ``label`` and its ``path``. The model's ``in_features`` is linked from
@@ -32,14 +33,14 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.formats.images import read_image
@@ -68,36 +69,44 @@ class FeatureRows(Dataset):
         return self.paths[index] if self.paths is not None else f"row {index}"
 
 
-class BalancedBatches(Sampler[list[int]]):
-    """``batches`` batches a epoch of ``anomalies`` indices of label 1 and ``unlabelled`` of label
-    0, each pool walked in a fresh random order (by ``seed``, the run's, and the epoch) and restarted when
-    used up, so a small pool repeats within a batch only when it is smaller than the batch."""
+def process_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    def __init__(self, labels: torch.Tensor, anomalies: int, unlabelled: int, batches: int, seed: int) -> None:
-        self.pools = [torch.nonzero(labels == 0).squeeze(1), torch.nonzero(labels == 1).squeeze(1)]
+
+class BalancedBatches(IterableDataset):
+    """``batches`` training batches a epoch of ``anomalies`` rows of label 1 and ``unlabelled`` rows
+    of label 0, each pool walked in a fresh random order and restarted when used up, so a small
+    pool repeats within a batch only when it is smaller than the batch. The order is a function
+    of ``seed``, the epoch (``epoch()``, the trainer's) and the rank: under DDP each rank draws its
+    own batches (an iterable dataset, so that Lightning injects no distributed sampler)."""
+
+    def __init__(self, rows: FeatureRows, anomalies: int, unlabelled: int, batches: int, seed: int,
+                 epoch: Callable[[], int]) -> None:
+        self.rows = rows
+        self.pools = [torch.nonzero(rows.labels == 0).squeeze(1), torch.nonzero(rows.labels == 1).squeeze(1)]
         if not len(self.pools[1]) or not len(self.pools[0]):
             raise ValueError("balanced batches need labelled anomalies and unlabelled samples; the training split has "
                              f"{len(self.pools[1])} and {len(self.pools[0])}")
         self.counts = (unlabelled, anomalies)
         self.batches = batches
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.batches
 
-    def _stream(self, pool: torch.Tensor, generator: torch.Generator) -> Iterator[int]:
+    @staticmethod
+    def _stream(pool: torch.Tensor, generator: torch.Generator) -> Iterator[int]:
         while True:
             yield from pool[torch.randperm(len(pool), generator=generator)].tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch()) * 1009 + process_rank()) % 2**63)
         streams = [self._stream(pool, generator) for pool in self.pools]
         for _ in range(self.batches):
-            yield [next(streams[0]) for _ in range(self.counts[0])] + [next(streams[1]) for _ in range(self.counts[1])]
+            index = [next(streams[0]) for _ in range(self.counts[0])] + [next(streams[1]) for _ in range(self.counts[1])]
+            yield {"features": self.rows.features[index], "label": self.rows.labels[index]}
 
 
 class MVTecADBenchDataModule(VisionZooDataModule):
@@ -268,12 +277,14 @@ class MVTecADBenchDataModule(VisionZooDataModule):
             self.setup("fit")
         return self.train_rows
 
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        rows = self.training_set()
-        sampler = BalancedBatches(rows.labels, hp.anomalies_per_batch, hp.unlabelled_per_batch, hp.batches_per_epoch,
-                                  torch.initial_seed())
-        return DataLoader(rows, batch_sampler=sampler)
+        batches = BalancedBatches(self.training_set(), hp.anomalies_per_batch, hp.unlabelled_per_batch,
+                                  hp.batches_per_epoch, torch.initial_seed(), self._epoch)
+        return DataLoader(batches, batch_size=None)
 
     def val_dataloader(self) -> list:
         return []

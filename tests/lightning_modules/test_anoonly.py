@@ -129,6 +129,20 @@ def test_features_of_mvtec_images_are_extracted_once_and_batches_hold_anomalies(
     assert len(batches) == 20 and all(int(b["label"].sum()) == 3 and len(b["label"]) == 8 for b in batches)
 
 
+def test_balanced_batches_change_with_the_epoch_and_the_rank(mini_adbench, monkeypatch):
+    """Each epoch and, under DDP, each rank draws its own balanced batches."""
+    data = MVTecADBenchDataModule(str(mini_adbench), "weave", npz="CV_by_ResNet18/MVTec-AD_weave.npz", min_samples=0,
+                                  anomalies_per_batch=4, unlabelled_per_batch=4, batches_per_epoch=3)
+    first = [b["features"] for b in data.train_dataloader()]
+    again = [b["features"] for b in data.train_dataloader()]
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+    monkeypatch.setattr(data, "_epoch", lambda: 1)
+    assert not torch.equal(next(iter(data.train_dataloader()))["features"], first[0])
+    monkeypatch.setattr(data, "_epoch", lambda: 0)
+    monkeypatch.setattr("datamodules.mvtec_adbench.process_rank", lambda: 1)
+    assert not torch.equal(next(iter(data.train_dataloader()))["features"], first[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DETECTORS)
 def test_each_detector_with_anoonly_learns_the_mini_features(name, mini_adbench, tmp_path, monkeypatch):
