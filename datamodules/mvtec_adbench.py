@@ -40,14 +40,13 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.formats.images import read_image
 from datamodules.mvtec import scan_category
 from datamodules.resumable import eval_loader
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class FeatureRows(Dataset):
@@ -233,7 +232,7 @@ class MVTecADBenchDataModule(VisionZooDataModule):
 
         hp = self.hparams
         backbone = create_backbone(hp.backbone, hp.pretrained, hp.weights, num_classes=0).eval()
-        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
         rows = []
         for start in range(0, len(paths), 32):
             images = [Image.fromarray(read_image(p)).resize((hp.image_size, hp.image_size), Image.Resampling.BILINEAR)

@@ -78,7 +78,8 @@ class AnoOnly(EvaluatedModule):
         if detector not in networks:
             raise ValueError(f"model.detector must be one of {sorted(networks)}, got {detector!r}")
         self.detector = networks[detector](in_features)
-        self._references: tuple[Tensor, Tensor] | None = None
+        self._references: tuple[Tensor, Tensor] | None = None  # PReNet's training anomalies and unlabelled rows
+        self._generator = torch.Generator().manual_seed(seed)  # PReNet's test-time reference draws
 
     @property
     def method_name(self) -> str:

@@ -17,14 +17,11 @@ import torch
 from torch import Tensor, nn
 
 
-def _anomaly_rows(values: Tensor, labels: Tensor) -> Tensor:
-    """``values`` of the labelled anomalies; a batch without one gives ``values[:0]``."""
-    return values[labels == 1]
-
-
-def _mean_or_zero(values: Tensor, like: Tensor) -> Tensor:
-    """The mean of ``values``, or 0 attached to ``like``'s graph (no gradient) when empty."""
-    return values.mean() if values.numel() else like.sum() * 0.0
+def _mean_over_anomalies(values: Tensor, labels: Tensor) -> Tensor:
+    """The mean of ``values`` over the labelled anomalies; 0 attached to the graph, with no
+    gradient, for a batch without one (the mean of nothing would be NaN)."""
+    anomalous = values[labels == 1]
+    return anomalous.mean() if anomalous.numel() else values.sum() * 0.0
 
 
 class DeepSAD(nn.Module):
@@ -64,7 +61,7 @@ class DeepSAD(nn.Module):
         distance = self.score(x)
         inverse = self.eta / (distance + self.eps)
         if anomaly_only:
-            return _mean_or_zero(_anomaly_rows(inverse, labels), distance)
+            return _mean_over_anomalies(inverse, labels)
         return torch.where(labels == 1, inverse, distance).mean()
 
 
@@ -91,8 +88,8 @@ class DevNet(nn.Module):
     def loss(self, x: Tensor, labels: Tensor, anomaly_only: bool) -> Tensor:
         s = self.score(x)
         y = labels.to(s.dtype)
-        if anomaly_only:
-            loss = (y * (self.margin - s)).mean() if bool((labels == 1).any()) else s.sum() * 0.0
+        if anomaly_only:  # the y factor gives normal rows neither loss nor gradient
+            loss = (y * (self.margin - s)).mean()
         else:
             loss = ((1 - y) * s.abs() + y * (self.margin - s).abs()).mean()
         return loss + self.l2 * self.hidden.weight.pow(2).sum()
@@ -200,6 +197,6 @@ class FEAWAD(nn.Module):
         unit_norm = unit.norm(dim=1)
         y = labels.to(s.dtype)
         anomalous = y * (torch.clamp(self.margin - s, min=0) + torch.clamp(self.margin - unit_norm, min=0))
-        if anomaly_only:
-            return anomalous.mean() if bool((labels == 1).any()) else s.sum() * 0.0
+        if anomaly_only:  # the y factor gives normal rows neither loss nor gradient
+            return anomalous.mean()
         return ((1 - y) * (s.abs() + unit_norm) + anomalous).mean()
