@@ -78,18 +78,17 @@ def _cell(value: float | None) -> str:
 def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per benchmark: (metric names, rows of [method, run, *metrics, source])."""
     by_benchmark: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    upgrades: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for result in results:
-        by_benchmark[result.get("benchmark") or "unknown"].append(result)
-    tables = {}
+        is_upgrade = any(name.startswith(PAIRS) for name in result["metrics"])
+        (upgrades if is_upgrade else by_benchmark)[result.get("benchmark") or "unknown"].append(result)
+    tables = {f"{benchmark}: model upgrades": compatibility_table(entries) for benchmark, entries in upgrades.items()}
     for benchmark, entries in sorted(by_benchmark.items()):
         papers = paper.get(benchmark, {})
         names = sorted({name for e in entries for name in e["metrics"]} | {n for p in papers.values() for n in p["metrics"]},
                        key=_metric_order)
         rows = []
-        by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for entry in entries:
-            by_method[entry["method"]].append(entry)
-        for method, runs in sorted(by_method.items()):
+        for method, runs in sorted(_group(entries, "method").items()):
             newest = _newest_per_run(runs)
             for (label, untrained), (run, repeats) in sorted(newest.items()):
                 skipped = run.get("skipped_corrupt") or 0
@@ -106,6 +105,32 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
                 rows.append([method, "paper", *(f"{reported[n]:.2f}" if n in reported else "" for n in names), "paper (see note)"])
         tables[benchmark] = (names, rows)
     return tables
+
+
+PAIRS = ("old_old/", "new_new/", "new_old/")  # compatibility metrics: query model / gallery model
+
+
+def compatibility_table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """A model-upgrade test (``benchmarks.metrics.retrieval.CompatibilityMetric``) as rows of
+    [method, run, metric, old/old, new/new, new/old (new queries, old gallery), update gain,
+    source], then the negative flip rate; the newest result of each run."""
+    rows = []
+    for method, runs in sorted(_group(entries, "method").items()):
+        for (label, _), (run, _) in sorted(_newest_per_run(runs).items()):
+            metrics = run["metrics"]
+            for name in sorted({n.split("/", 1)[1] for n in metrics if n.startswith(PAIRS)}, key=_metric_order):
+                rows.append([method, label, name, *(_cell(metrics.get(pair + name)) for pair in PAIRS),
+                             f"{metrics[f'update_gain/{name}']:.3f}" if f"update_gain/{name}" in metrics else "", "visionzoo"])
+            if "negative_flip_rate" in metrics:
+                rows.append([method, label, "negative flip rate", "", "", _cell(metrics["negative_flip_rate"]), "", "visionzoo"])
+    return ["metric", "old/old", "new/new", "new/old", "update gain"], rows
+
+
+def _group(entries: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        grouped[entry[key]].append(entry)
+    return grouped
 
 
 def _newest_per_run(runs: list[dict[str, Any]]) -> dict[tuple[str, bool], tuple[dict[str, Any], int]]:

@@ -7,7 +7,8 @@ way leaves the previous submission whole. Each rank writes the samples it evalua
 that the distributed sampler repeats is written twice with the same content). The run
 directory must be shared by the ranks, as it is for checkpoints.
 
-Writers: :class:`MVTecTIFFMaps` (MVTec AD). The benchmark's ``python -m benchmarks.metrics.<benchmark>``
+Writers: :class:`MVTecTIFFMaps` (MVTec AD); :class:`KaggleRetrievalCSV` (GLDv2, one file from the
+whole test's rankings). The benchmark's ``python -m benchmarks.metrics.<benchmark>``
 scores such files with visionzoo's metric code where it has one.
 """
 
@@ -21,6 +22,8 @@ import numpy as np
 import tifffile
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+
+from benchmarks.metrics.retrieval import GLDv2Protocol, write_retrieval_submission
 
 
 def replace_directory(final: Path, staging: Path) -> None:
@@ -107,3 +110,22 @@ class MVTecTIFFMaps(SubmissionWriter):
             target = directory / image.parents[2].name / "test" / image.parent.name / f"{image.stem}.tiff"
             target.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(target, np.ascontiguousarray(anomaly_map, dtype=np.float32))
+
+
+class KaggleRetrievalCSV(Callback):
+    """GLDv2's Kaggle retrieval file, ``<run dir>/<file>`` (``id,images``: the ``max_predictions``
+    best index ids of each query, space-separated), from the rankings the test's
+    :class:`~benchmarks.metrics.retrieval.GLDv2Protocol` scored; written by rank 0, atomically.
+    ``python -m benchmarks.metrics.retrieval gldv2 SOLUTION FILE`` scores it with the same code."""
+
+    def __init__(self, file: str = "submission.csv", max_predictions: int = 100) -> None:
+        self.file, self.max_predictions = file, max_predictions
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        protocol = getattr(pl_module, "retrieval_protocol", None)
+        if not isinstance(protocol, GLDv2Protocol):
+            raise TypeError(f"KaggleRetrievalCSV writes GLDv2 rankings; this test scored {type(protocol).__name__}")
+        if trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / self.file
+            write_retrieval_submission(path, {q: ids[: self.max_predictions] for q, ids in protocol.rankings.items()})
+            rank_zero_info(f"Kaggle retrieval submission ({len(protocol.rankings)} queries) written to {path}")

@@ -53,14 +53,18 @@ class VisionZooDataModule(LightningDataModule, ABC):
     """Base of every benchmark's DataModule (module docstring)."""
 
     benchmark: str
+    #: Whether ``visionzoo test`` takes checkpoints trained on another DataModule's data (a
+    #: retrieval test set such as ROxford5k); otherwise that is an error naming both.
+    tests_models_of_other_data: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.skipped_files: list[str] = []  # corrupt files left out when the data was set up
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
+        """``abstract=True`` marks a base shared by several benchmarks (no ``benchmark`` of its own)."""
         super().__init_subclass__(**kwargs)
-        if not isinstance(getattr(cls, "benchmark", None), str):
+        if not abstract and not isinstance(getattr(cls, "benchmark", None), str):
             raise TypeError(f"{cls.__name__} must set the class attribute `benchmark` (the <benchmark> of "
                             "runs/<benchmark>/<method>/<run name>), e.g. benchmark = 'mvtec'")
 

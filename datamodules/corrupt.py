@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from torch.utils.data import default_collate
 
 from datamodules.formats.images import CorruptFileError
 
@@ -56,3 +57,10 @@ class CorruptSamples:
                 self.skip(error, "replaced by a random one")
                 i = int(torch.randint(size, (), generator=generator))
         raise RuntimeError(f"{self.max_in_a_row} corrupt {self.what}s in a row; is the dataset corrupt as a whole?")
+
+
+def collate_dropping_skipped(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``default_collate`` of the evaluation samples that were read (a skipped corrupt one is
+    None); None when none was, which the evaluation layer leaves out."""
+    kept = [sample for sample in samples if sample is not None]
+    return default_collate(kept) if kept else None

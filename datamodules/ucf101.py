@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from datamodules.base import EvalSet, VisionZooDataModule
-from datamodules.corrupt import CorruptSamples
+from datamodules.corrupt import CorruptSamples, collate_dropping_skipped
 from datamodules.clips import ClipSampler, ClipSpec, VideoRecord, clip_indices, eval_clip, uniform_starts
 from datamodules.formats.images import CorruptFileError
 from datamodules.formats.video import Backend, VideoReader, backend_choice, resolve_backend
@@ -156,12 +156,6 @@ class EvalClips(_VideoFiles):
             return None
         return {"video": eval_clip(frames, self.spec.image_size, self.spec.resize), "label": record.label,
                 "path": str(record.path), "video_index": video_index, "clip_index": clip_index}
-
-
-def collate_dropping_skipped(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """``default_collate`` of the samples that were read; None when none was."""
-    kept = [sample for sample in samples if sample is not None]
-    return default_collate(kept) if kept else None
 
 
 class UCF101DataModule(VisionZooDataModule):

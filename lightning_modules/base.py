@@ -103,7 +103,7 @@ class VisionZooModule(LightningModule):
         """Modules frozen with :func:`~lightning_modules.nn.backbones.freeze_` stay in eval mode."""
         super().train(mode)
         for module in self.modules():
-            if getattr(module, "frozen", False):
+            if module is not self and getattr(module, "frozen", False):  # a frozen method (an old model) too
                 module.eval()
         return self
 

@@ -62,8 +62,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 def keep_out_of_ddp(module: LightningModule, names: Sequence[str]) -> None:
     """Parameters and buffers of ``module`` (by ``named_parameters``/``named_buffers`` name) that
-    DDP neither all-reduces nor broadcasts. Call it from ``configure_model``."""
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+    DDP neither all-reduces nor broadcasts, added to those named before. Call it from
+    ``configure_model``."""
+    before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, before + [n for n in names if n not in before])
 
 
 # -------------------------------------------------------------------------------- fit loop

@@ -14,6 +14,7 @@ CONFIGS = REPO / "configs"
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory) -> Path:
     from datamodules.mini.adbench import write_adbench
+    from datamodules.mini.landmarks import write_gldv2, write_revisited
     from datamodules.mini.ms1m import write_ms1m
     from datamodules.mini.mvtec import write_mvtec
     from datamodules.mini.ucf101 import write_ucf101
@@ -23,7 +24,19 @@ def mini_data(tmp_path_factory) -> Path:
     write_ms1m(root / "ms1m", seed=0)
     write_ucf101(root / "ucf101", seed=0)
     write_adbench(root / "mvtec_adbench", seed=0)
+    write_gldv2(root / "gldv2", seed=0)
+    write_revisited(root / "revisited", seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def mini_gldv2(mini_data) -> Path:
+    return mini_data / "gldv2"
+
+
+@pytest.fixture(scope="session")
+def mini_revisited(mini_data) -> Path:
+    return mini_data / "revisited"
 
 
 @pytest.fixture(scope="session")

@@ -51,10 +51,25 @@ def test_a_recipe_variant_stacks_on_its_method_configs(variant, base, mini_data,
     assert cli.trainer.max_epochs == expected["trainer"]["max_epochs"]
 
 
+def _instantiation_args(config: Path, mini_data: Path) -> list[str]:
+    """The config with its mini preset; the ROxford test config (no preset: it only tests) on the
+    mini ROxford5k; BCT with an old model of one training step."""
+    name = f"{config.parent.name}/{config.stem}"
+    if name == "gldv2/revisited_eval":
+        return ["--config", str(config), "--data.init_args.root", str(mini_data / "revisited"),
+                "--model.init_args.backbone", "test_resnet", "--model.init_args.embedding_size", "64"]
+    args = _mini_args(config, mini_data / config.parent.name)
+    if name == "gldv2/bct_r50":
+        old = VisionZooCLI(args=["fit", *_mini_args(CONFIGS / "gldv2/baseline_r50.yaml", mini_data / "gldv2"), "--config",
+                                 str(CONFIGS / "trainer/cpu.yaml"), "--trainer.max_steps", "1", "--run_name", "old"])
+        args += ["--model.init_args.old_checkpoint", str(Path(old.trainer.default_root_dir) / "checkpoints/last.ckpt")]
+    return args
+
+
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = _cli(*_mini_args(config, mini_data / config.parent.name), "--config", str(CONFIGS / "trainer/cpu.yaml"))
+    cli = _cli(*_instantiation_args(config, mini_data), "--config", str(CONFIGS / "trainer/cpu.yaml"))
     assert cli.model is not None and cli.datamodule is not None
     assert Path(cli.trainer.default_root_dir) == Path("runs") / cli.datamodule.benchmark / cli.model.method_name / cli.datamodule.run_name
 
@@ -63,7 +78,9 @@ def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_
 # backbones, as the papers; face recognition and video from scratch; SeCo's paper starts from
 # MoCo-v2's ImageNet weights, which timm does not serve: its config takes them as
 # model.weights, and without them starts from random weights, saying so).
-PAPERS_USE_PRETRAINED = {"mvtec": True, "mvtec_adbench": True, "ms1m": False, "ucf101": False}
+# GLDv2 starts from ImageNet weights (RACT, the GLDv2 recipes); its ROxford test config loads a checkpoint.
+PAPERS_USE_PRETRAINED = {"mvtec": True, "mvtec_adbench": True, "ms1m": False, "ucf101": False, "gldv2": True,
+                         "gldv2/revisited_eval": False}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")

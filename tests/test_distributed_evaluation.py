@@ -7,7 +7,9 @@ rank's items, count each once and keep the dataset order. Each case here has suc
 - MVTec AD: 13 test images of one category (5 good, 2 per defect);
 - UCF101 retrieval: 35 query videos against 90 gallery videos, one clip each (two eval sets);
 - MS1M verification: the mini ``.bin`` sets (pairs of images: an even count, but the two images
-  of every pair land on different ranks).
+  of every pair land on different ranks);
+- GLDv2 retrieval: 40 queries against 100 index images, scored per Public/Private split, and the
+  compatibility table of a model upgrade (every image embedded by two models).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _assert_same(single: dict[str, float], two: dict[str, float]) -> None:
     # The same items in the same order; only a convolution's float rounding may depend on how
     # many images share a batch (1e-6 of a metric is far below any reported digit).
     for name in single:
-        assert two[name] == pytest.approx(single[name], abs=1e-6), name
+        assert two[name] == pytest.approx(single[name], abs=1e-6, nan_ok=True), name
 
 
 def test_mvtec_test_on_two_ranks_equals_one_process(tmp_path):
@@ -81,3 +83,19 @@ def test_ms1m_verification_on_two_ranks_equals_one_process(mini_ms1m, tmp_path):
     two = _test_metrics(args, tmp_path, tmp_path / "two", [*TWO_RANKS, *checkpoint])
     assert {"lfw_acc", "lfw_std", "cfp_fp_acc", "agedb_30_acc", "acc"} <= set(single)
     _assert_same(single, two)
+
+
+def test_gldv2_retrieval_and_compatibility_on_two_ranks_equal_one_process(mini_gldv2, tmp_path):
+    args = ["--config", str(CONFIGS / "gldv2/baseline_r50.yaml"), "--config", str(CONFIGS / "gldv2/mini.yaml"),
+            "--data.init_args.root", str(mini_gldv2), "--data.init_args.batch_size", "16"]
+    run = tmp_path / "fit"
+    visionzoo("fit", *args, *ONE_PROCESS, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run), cwd=tmp_path)
+    checkpoint = ["--ckpt_path", str(run / "checkpoints/last.ckpt")]
+    upgrade = [*checkpoint, "--model.init_args.old_checkpoint", str(run / "checkpoints/last.ckpt")]
+    single = _test_metrics(args, tmp_path, tmp_path / "single", [*ONE_PROCESS, *upgrade])
+    two = _test_metrics(args, tmp_path, tmp_path / "two", [*TWO_RANKS, *upgrade])
+    assert {"new_old/mAP@100_public", "new_old/mAP@100_private", "negative_flip_rate"} <= set(single)
+    _assert_same(single, two)
+    # The same model as old and new: the cross-test is the self-test, nothing flips.
+    assert single["new_old/mAP@100_private"] == pytest.approx(single["old_old/mAP@100_private"])
+    assert single["negative_flip_rate"] == 0.0

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
 from benchmarks.metrics.base import BenchmarkMetric, EvalSetMetric, Rows
+from benchmarks.metrics.retrieval import search
 
 ArrayLike = np.ndarray | Tensor
 
@@ -94,12 +94,6 @@ def _to_numpy(array: ArrayLike, dtype: type) -> np.ndarray:
     return np.asarray(array, dtype=dtype)
 
 
-def _l2_normalise(features: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm; zero rows stay zero (``sklearn.preprocessing.normalize``)."""
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.where(norms == 0, 1.0, norms)
-
-
 def retrieval_recall_at_k(
     query_features: ArrayLike,
     query_labels: ArrayLike,
@@ -133,11 +127,7 @@ def retrieval_recall_at_k(
         raise ValueError(f"ks must be positive; got {tuple(ks)}")
     if center:
         queries, gallery = queries - queries.mean(axis=0), gallery - gallery.mean(axis=0)
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(np.ascontiguousarray(_l2_normalise(gallery), dtype=np.float32))
-    k_max = min(max(ks, default=1), len(gallery))
-    queries = np.ascontiguousarray(_l2_normalise(queries), dtype=np.float32)
-    _, neighbours = index.search(queries, k_max)
+    _, neighbours = search(queries, gallery, max(ks, default=1))
     matches = g_labels[neighbours] == q_labels[:, None]  # [Q, k_max], best first
     return {k: float(matches[:, :k].any(axis=1).mean()) for k in ks}
 

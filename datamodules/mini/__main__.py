@@ -1,10 +1,11 @@
-"""Write a mini dataset in a benchmark's official layout: ``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101} OUT``."""
+"""Write a mini dataset in a benchmark's official layout:
+``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited} OUT``."""
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.mini import adbench, ms1m, mvtec, ucf101
+from datamodules.mini import adbench, landmarks, ms1m, mvtec, ucf101
 
 
 def _summary(root: Path) -> str:
@@ -51,6 +52,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_ucf101.add_argument("out", type=Path)
     parser_ucf101.add_argument("--seed", type=int, default=0)
     parser_ucf101.set_defaults(write=lambda args: ucf101.write_ucf101(args.out, seed=args.seed))
+
+    parser_gldv2 = benchmarks.add_parser("gldv2", help="mini GLDv2 (synthetic landmarks, CSV files, hashed tree)")
+    parser_gldv2.add_argument("out", type=Path)
+    parser_gldv2.add_argument("--seed", type=int, default=0)
+    parser_gldv2.set_defaults(write=lambda args: landmarks.write_gldv2(args.out, seed=args.seed))
+
+    parser_revisited = benchmarks.add_parser("revisited", help="mini ROxford5k / RParis6k + R1M distractors")
+    parser_revisited.add_argument("out", type=Path)
+    parser_revisited.add_argument("--seed", type=int, default=0)
+    parser_revisited.add_argument("--dataset", choices=["roxford5k", "rparis6k"], default="roxford5k")
+    parser_revisited.set_defaults(write=lambda args: landmarks.write_revisited(args.out, seed=args.seed, dataset=args.dataset))
 
     args = parser.parse_args(argv)
     print(_summary(args.write(args)))

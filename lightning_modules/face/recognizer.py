@@ -31,23 +31,18 @@ papers; ``optim.schedule: step`` with ``optim.milestones`` gives the older step 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax, SoftmaxOptions
-from lightning_modules.distributed.sharded_state import SHARDS, read_rows, write_shards
+from lightning_modules.distributed.model_parallel_softmax import SoftmaxOptions
 from lightning_modules.face.base import FaceRecognitionModule
-from lightning_modules.framework import keep_out_of_ddp
+from lightning_modules.margin_softmax import MarginSoftmaxTraining
 from lightning_modules.nn.backbones import create_embedding_backbone
 from lightning_modules.nn.margins import CombinedMarginHead, MarginHead
 from lightning_modules.recipe import OptimizerRecipe
 
-CENTRES_KEY = "softmax.weight"
 
-
-class MarginSoftmaxRecognizer(FaceRecognitionModule):
+class MarginSoftmaxRecognizer(MarginSoftmaxTraining, FaceRecognitionModule):
     """Backbone + margin head over model-parallel class centres (see the module docstring)."""
 
     def __init__(
@@ -71,7 +66,6 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
         self.softmax_options = softmax_options if isinstance(softmax_options, SoftmaxOptions) else SoftmaxOptions(**softmax_options)
         self.head = head if head is not None else CombinedMarginHead()
         self.backbone = create_embedding_backbone(backbone, embedding_size, pretrained, weights, dropout)
-        self.softmax: ModelParallelSoftmax | None = None  # built in configure_model: needs the process group
 
     @property
     def method_name(self) -> str:
@@ -81,58 +75,8 @@ class MarginSoftmaxRecognizer(FaceRecognitionModule):
             return "knn_softmax"
         return f"{self.head.name}_partial_fc" if self.softmax_options.sample_rate < 1.0 else self.head.name
 
-    def configure_model(self) -> None:
-        """Build this rank's shard of the class centres and keep it out of DDP's all-reduce."""
-        if self.softmax is not None:
-            return
-        hp = self.hparams
-        self.softmax = ModelParallelSoftmax(hp.num_classes, hp.embedding_size, self.head, self.softmax_options, seed=hp.seed)
-        ignored = [f"softmax.{name}" for name in self.softmax.model_parallel_parameter_names()]
-        ignored += [f"softmax.head.{name}" for name, _ in self.head.named_buffers()]
-        keep_out_of_ddp(self, ignored)
-
     def forward(self, images: Tensor) -> Tensor:
         """Unnormalised embeddings [B, D]."""
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self.softmax(self(batch["image"]), batch["label"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return loss
-
-    # ------------------------------------------------------------- checkpoints across world sizes
-
-    def _centres_optimizer_states(self, checkpoint: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
-        """(optimizer state, slot) of the centres in each of the checkpoint's optimizers. The
-        optimizer numbers parameters as ``configure_optimizers`` orders them, which does not
-        depend on the world size."""
-        parameters = [p for group in self.optimizer_parameter_groups() for p in group["params"]]
-        slot = next(i for i, p in enumerate(parameters) if p is self.softmax.weight)
-        return [(optimizer["state"], slot) for optimizer in checkpoint.get("optimizer_states", [])]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The centres and their momentum go to per-rank shard files, each rank's own rows
-        (:mod:`~lightning_modules.distributed.sharded_state`; a collective: every rank saves).
-        ``optimizer.state_dict()`` shares its per-parameter dicts with the live optimizer, so
-        entries are replaced, never modified in place."""
-        tensors = {"weight": checkpoint["state_dict"].pop(CENTRES_KEY)}
-        for states, slot in self._centres_optimizer_states(checkpoint):
-            if "momentum_buffer" in states.get(slot, {}):
-                tensors["momentum"] = states[slot]["momentum_buffer"]
-                states[slot] = {k: v for k, v in states[slot].items() if k != "momentum_buffer"}
-        checkpoint[SHARDS] = write_shards(tensors, self.softmax.start, self.hparams.num_classes,
-                                          self.trainer.default_root_dir, self.trainer.global_step)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """This rank's rows of the centres and their momentum, whatever the saving world size."""
-        self.configure_model()
-        if SHARDS not in checkpoint:
-            raise ValueError("the checkpoint has no sharded class centres: it was not written by this version of "
-                             "visionzoo (before, the centres were stored whole in the checkpoint file)")
-        rows = read_rows(checkpoint[SHARDS], self.softmax.start, self.softmax.end)
-        checkpoint["state_dict"][CENTRES_KEY] = rows["weight"]
-        for states, slot in self._centres_optimizer_states(checkpoint):
-            if "momentum" in rows:
-                states[slot] = {**states.get(slot, {}), "momentum_buffer": rows["momentum"]}

@@ -49,3 +49,18 @@ def test_a_malformed_results_file_is_named_and_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     for name in ("truncated", "text_metric", "list", "no_method"):
         assert f"skipping {tmp_path / name / 'results.json'}" in err
+
+
+def test_model_upgrades_get_their_own_table_of_self_and_cross_tests(tmp_path):
+    path = tmp_path / "gldv2/bct/upgrade/results.json"
+    path.parent.mkdir(parents=True)
+    metrics = {"old_old/mAP@100_private": 0.5, "new_new/mAP@100_private": 0.8, "new_old/mAP@100_private": 0.6,
+               "update_gain/mAP@100_private": 1 / 3, "negative_flip_rate": 0.1}
+    path.write_text(json.dumps({"benchmark": "gldv2", "method": "bct", "metrics": metrics, "time": "2026-01-01"}))
+    _result(tmp_path, "plain", "bottle", 0.9, "2026-01-01")
+    tables = leaderboard.leaderboard_rows(leaderboard.collect_results(tmp_path), {})
+    names, rows = tables["gldv2: model upgrades"]
+    assert names == ["metric", "old/old", "new/new", "new/old", "update gain"]
+    assert rows == [["bct", "upgrade", "mAP@100_private", "50.00", "80.00", "60.00", "0.333", "visionzoo"],
+                    ["bct", "upgrade", "negative flip rate", "", "", "10.00", "", "visionzoo"]]
+    assert "## gldv2: model upgrades" in leaderboard.markdown(tables, {}) and "mvtec" in tables

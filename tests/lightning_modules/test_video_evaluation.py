@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmarks import leaderboard
 from benchmarks.metrics.video import ClipTop1, VideoTop1, clip_top1, video_top1
-from datamodules.ucf101 import collate_dropping_skipped
+from datamodules.corrupt import collate_dropping_skipped
 from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.video_encoder import VideoEncoder
 from lightning_modules.base import Evaluation
