@@ -45,7 +45,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.metrics.retrieval import GLDv2Protocol, RetrievalProtocol, RevisitedProtocol, csv_rows, read_solution
+from benchmarks.metrics.retrieval import SPLITS, GLDv2Protocol, RetrievalProtocol, RevisitedProtocol, csv_rows, read_solution
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.clips import as_clip, to_model_input, train_clip
 from datamodules.corrupt import CorruptSamples, collate_dropping_skipped
@@ -198,6 +198,7 @@ class GLDv2DataModule(RetrievalDataModule):
         class_fraction: float = 1.0,
         skip_missing: bool = False,
         queries: Literal["solution", "all"] = "solution",
+        recognition: bool = False,
         image_size: int = 224,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         batch_size: int = 64,
@@ -211,7 +212,7 @@ class GLDv2DataModule(RetrievalDataModule):
         if queries not in ("solution", "all"):
             raise ValueError(f"data.queries must be 'solution' or 'all'; got {queries!r}")
         self.train_file, self.class_fraction, self.skip_missing = train_file, class_fraction, skip_missing
-        self.queries, self.crop_scale = queries, tuple(crop_scale)
+        self.queries, self.crop_scale, self.recognition = queries, tuple(crop_scale), recognition
         self.train_dataset: Optional[LandmarkTrainingImages] = None
         self.num_missing = 0
 
@@ -258,7 +259,7 @@ class GLDv2DataModule(RetrievalDataModule):
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root.resolve()), "train_file": self.train_file, "class_fraction": self.class_fraction,
                 "num_classes": self.num_classes, "missing_training_images": self.num_missing,
-                "queries": self.queries, "split": "retrieval_solution_v2.1"}
+                "queries": self.queries, "recognition": self.recognition, "split": "retrieval_solution_v2.1"}
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in ("fit", None):
@@ -298,10 +299,22 @@ class GLDv2DataModule(RetrievalDataModule):
         return read_solution(self.root / "retrieval_solution_v2.1.csv")
 
     @cached_property
+    def recognition_solution(self) -> Optional[dict[str, dict[str, list]]]:
+        """The recognition ground truth (``recognition: true``), else None."""
+        if not self.recognition:
+            return None
+        self._check_layout(["recognition_solution_v2.1.csv"])
+        return read_solution(self.root / "recognition_solution_v2.1.csv", "recognition")
+
+    @cached_property
     def query_ids(self) -> list[str]:
         if self.queries == "all":
             return [row["id"] for _, row in csv_rows(self.root / "test.csv", ("id",))]
-        return [*self.solution["public"], *self.solution["private"]]
+        ids = [*self.solution["public"], *self.solution["private"]]
+        if self.recognition_solution is not None:
+            listed = set(ids)
+            ids += [i for split in SPLITS for i in self.recognition_solution[split] if i not in listed]
+        return ids
 
     @cached_property
     def index_ids(self) -> list[str]:

@@ -16,6 +16,8 @@ GLDv2 (tensorflow/models ``delf/python/datasets/google_landmarks_dataset/metrics
   (class, score) per test image, all sorted by score, then id, then class; normalised by the
   images with a non-empty GT; non-landmark images stay as false positives unless
   ``ignore_non_gt_test_images``), **top-1 accuracy**.
+- Recognition (:class:`RecognitionMetric`) scores the model's nearest class centre of every test
+  image of ``recognition_solution_v2.1.csv`` by GAP and top-1 accuracy.
 - Solutions (:func:`read_solution`): Public and Private separate, Ignored rows dropped; scores
   are reported per split, ``mAP@100_public``, ``mAP@100_private``.
 
@@ -44,7 +46,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -509,6 +511,34 @@ class CompatibilityMetric(RetrievalMetric):
             before, after = old.values[old.primary][: len(old.hit)], upgraded.values[old.primary][: len(old.hit)]
             flips = np.nan_to_num(after, nan=0.0) < np.nan_to_num(before, nan=0.0)
         results["negative_flip_rate"] = float(flips.mean())
+        return results
+
+
+class RecognitionMetric(BenchmarkMetric):
+    """GLDv2 recognition: GAP and top-1 accuracy per split (``GAP_public`` ...) of one (landmark,
+    score) per image of the ``query_set`` that the recognition ``solution`` lists, from
+    ``classify(embeddings) -> (classes, scores)`` (the model's nearest class centre); class c is
+    landmark ``landmark_ids[c]``, item i of the set is image ``image_ids[i]``."""
+
+    fields = ("embedding",)
+
+    def __init__(self, classify: Callable[[Tensor], tuple[Tensor, Tensor]], image_ids: Sequence[str],
+                 landmark_ids: Sequence[int], solution: Mapping[str, Mapping[str, Sequence[int]]], query_set: str = "test") -> None:
+        self.classify, self.image_ids, self.landmark_ids = classify, list(image_ids), list(landmark_ids)
+        self.solution, self.query_set = solution, query_set
+
+    def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
+        rows = _set_rows(sets, self.query_set)
+        classes, scores = self.classify(rows["embedding"])
+        predictions = {self.image_ids[i]: (self.landmark_ids[c], s)
+                       for i, c, s in zip(rows[INDEX].tolist(), classes.tolist(), scores.tolist())}
+        results = {}
+        for split in SPLITS:
+            solution = self.solution[split]
+            if solution:
+                own = {image: p for image, p in predictions.items() if image in solution}
+                results[f"GAP_{split}"] = global_average_precision(own, solution)
+                results[f"top1_{split}"] = top1_accuracy(own, solution)
         return results
 
 

@@ -409,6 +409,24 @@ until its CUDA test has passed on a GPU),
         # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
         return self.head.loss(target_logit - torch.logaddexp(target_logit, negatives)).mean()
 
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """(class, cosine) [N] of the nearest class centre over all shards to each row of
+        ``embeddings`` [N, D], a chunk of centres at a time; a collective: every rank calls it
+        with the same embeddings (GLDv2 recognition)."""
+        features = F.normalize(embeddings.to(self.weight), dim=1)
+        inverse_norms = _inverse_norms(self.weight)
+        best = features.new_full((features.shape[0],), -math.inf, dtype=inverse_norms.dtype)
+        best_class = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+        for start, end in _chunks(self.end - self.start, self.options.chunk_classes):
+            value, column = _cosines(features, self.weight[start:end], inverse_norms[start:end]).max(dim=1)
+            better = value > best
+            best, best_class = torch.where(better, value, best), torch.where(better, column + self.start + start, best_class)
+        _, world_size = world_info()
+        values, classes = all_gather(best).view(world_size, -1), all_gather(best_class).view(world_size, -1)
+        winner = values.argmax(dim=0, keepdim=True)
+        return classes.gather(0, winner)[0], values.gather(0, winner)[0]
+
     @staticmethod
     def _all_target_cosines(own_cos: Tensor, rows: Tensor, batch: int) -> Tensor:
         """cos θ_y [N] of the whole batch from each shard's ``own_cos`` of its ``rows``."""

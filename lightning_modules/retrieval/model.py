@@ -13,7 +13,8 @@ embeddings (the common GLDv2-clean recipe; RACT's ``model/resnet_gem.py`` and ``
    ``test_scales``: features of the resized images summed then normalised; (1, 1/√2, √2) is the
    usual choice), searched with faiss and scored by the DataModule's protocol
    (:class:`~benchmarks.metrics.retrieval.RetrievalMetric`: GLDv2 mAP@100 per Public/Private,
-   revisited E/M/H mAP).
+   revisited E/M/H mAP); with ``data.recognition`` also GLDv2 recognition, GAP of the nearest
+   class centre.
 4. With ``old_checkpoint`` (a model upgrade), every image is also embedded by the old model,
    frozen, and the test reports the compatibility table
    (:class:`~benchmarks.metrics.retrieval.CompatibilityMetric`): self-tests, cross-test, update
@@ -38,7 +39,14 @@ import torch
 from torch import Tensor
 
 from benchmarks.metrics.base import BenchmarkMetric
-from benchmarks.metrics.retrieval import CompatibilityMetric, CompatibilityOptions, RetrievalMetric, RetrievalProtocol, SearchOptions
+from benchmarks.metrics.retrieval import (
+    CompatibilityMetric,
+    CompatibilityOptions,
+    RecognitionMetric,
+    RetrievalMetric,
+    RetrievalProtocol,
+    SearchOptions,
+)
 from lightning_modules.base import Stage
 from lightning_modules.distributed.model_parallel_softmax import SoftmaxOptions
 from lightning_modules.distributed.sharded_state import SHARDS, read_checkpoint, read_rows
@@ -135,10 +143,20 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
     # --------------------------------------------------------------------------- evaluation
 
     def evaluation_metrics(self, stage: Stage) -> list[BenchmarkMetric]:
-        self.retrieval_protocol = self.trainer.datamodule.retrieval_protocol()
+        """Retrieval (or, with an old model, the compatibility report); GLDv2 recognition (GAP)
+        too where the data asks for it (``data.recognition``) and the model has its classes."""
+        datamodule = self.trainer.datamodule
+        self.retrieval_protocol = datamodule.retrieval_protocol()
         if self.old_model is not None:
-            return [CompatibilityMetric(self.retrieval_protocol, self.search_options, self.compatibility)]
-        return [RetrievalMetric(self.retrieval_protocol, self.search_options)]
+            metrics: list[BenchmarkMetric] = [CompatibilityMetric(self.retrieval_protocol, self.search_options, self.compatibility)]
+        else:
+            metrics = [RetrievalMetric(self.retrieval_protocol, self.search_options)]
+        solution = getattr(datamodule, "recognition_solution", None)
+        if solution is not None:
+            if self.softmax is None:
+                raise ValueError("data.recognition scores the model's classes, but this model has no head (num_classes null)")
+            metrics.append(RecognitionMetric(self.softmax.predict, datamodule.query_ids, datamodule.landmark_ids, solution))
+        return metrics
 
     def evaluation_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         outputs = {"embedding": self.embed(batch["image"]).float()}

@@ -136,6 +136,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             "partial_fc": _run_sharded(problem, HEADS["arcface"](), True, sample_rate=SAMPLE_RATE, chunk_classes=4),
             "knn": _run_sharded(problem, HEADS["npcface"](), True, knn_neighbours=KNN, chunk_classes=4),
         }
+        classifier = ModelParallelSoftmax(NUM_CLASSES, DIM, SoftmaxHead(), SoftmaxOptions(chunk_classes=3)).double()
+        start, end = class_shard(NUM_CLASSES, rank, world_size)
+        with torch.no_grad():
+            classifier.weight.copy_(problem["weight"][start:end])
+        results["predict"] = classifier.predict(_backbone(problem)(problem["x"]).detach())
         from lightning_modules.distributed import model_parallel_softmax
 
         model_parallel_softmax._INIT_BLOCK_ROWS = 7  # several init blocks, cut by the shards
@@ -277,6 +282,17 @@ def test_checkpoint_round_trip_across_world_sizes(runs):
     for world_size in WORLD_SIZES:
         shards = [shard_of(momentum, rank, world_size) for rank in range(world_size)]
         assert torch.equal(torch.cat(shards), momentum)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_predicted_class_is_the_nearest_centre_over_all_shards(runs, world_size):
+    problem = _problem()
+    cosines = F.normalize(_backbone(problem)(problem["x"]), dim=1) @ F.normalize(problem["weight"], dim=1).T
+    expected_scores, expected_classes = cosines.detach().max(dim=1)
+    for rank in runs[world_size]:
+        classes, scores = rank["predict"]
+        assert torch.equal(classes, expected_classes)
+        torch.testing.assert_close(scores, expected_scores)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
