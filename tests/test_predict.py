@@ -97,3 +97,16 @@ def test_clip_features_on_two_ranks_equal_one_process(mini_ucf101, tmp_path):
         assert one["features"].shape == (videos, 512) and one["paths"] == two["paths"]
         assert len(set(one["paths"])) == videos
         np.testing.assert_allclose(two["features"], one["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_retrieval_model_embeds_the_revisited_queries_and_database(mini_revisited, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = VisionZooCLI(args=["predict", "--config", str(CONFIGS / "gldv2/revisited_eval.yaml"), *CPU,
+                             "--data.init_args.root", str(mini_revisited), "--data.init_args.image_size", "32",
+                             "--data.init_args.num_workers", "0", "--model.init_args.backbone", "test_resnet",
+                             "--model.init_args.embedding_size", "16", "--ckpt_path", "none"])
+    run = Path(cli.trainer.default_root_dir)
+    queries, database = _read(run / "predictions/query"), _read(run / "predictions/database")
+    assert queries["embedding"].shape == (10, 16) and database["embedding"].shape == (90, 16)
+    assert database["paths"][0].endswith("roxford5k/jpg/roxford5k_000000.jpg")
+    np.testing.assert_allclose(np.linalg.norm(queries["embedding"], axis=1), 1.0, rtol=1e-5)

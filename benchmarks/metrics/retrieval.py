@@ -89,20 +89,17 @@ class SearchOptions:
     nprobe: int = 16
 
 
-def search(queries: np.ndarray | Tensor, gallery: np.ndarray | Tensor, k: int | None,
-           options: SearchOptions = SearchOptions()) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, neighbours) [Q, k]: the ``k`` gallery rows (all of them for None) of highest
-    inner product with each L2-normalised query, best first. With IVF, ranks past the visited
-    cells are -1."""
-    queries = np.ascontiguousarray(l2_normalise(as_array(queries)), dtype=np.float32)
-    gallery = np.ascontiguousarray(l2_normalise(as_array(gallery)), dtype=np.float32)
-    for name, features in (("queries", queries), ("gallery", gallery)):
-        if features.ndim != 2 or len(features) == 0:
-            raise ValueError(f"{name} must be a non-empty [N, D] array; got shape {features.shape}")
-    if queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"queries have dimension {queries.shape[1]}, the gallery {gallery.shape[1]}")
+def _unit_rows(features: np.ndarray | Tensor, name: str) -> np.ndarray:
+    rows = np.ascontiguousarray(l2_normalise(as_array(features)), dtype=np.float32)
+    if rows.ndim != 2 or len(rows) == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] array; got shape {rows.shape}")
+    return rows
+
+
+def build_index(gallery: np.ndarray | Tensor, options: SearchOptions = SearchOptions()) -> faiss.Index:
+    """The faiss index of the L2-normalised ``gallery`` rows (IVF: trained on them)."""
+    gallery = _unit_rows(gallery, "gallery")
     dim, size = gallery.shape[1], len(gallery)
-    k = size if k is None else min(k, size)
     if options.index == "flat":
         index = faiss.IndexFlatIP(dim)
     elif options.index == "ivf":
@@ -113,7 +110,19 @@ def search(queries: np.ndarray | Tensor, gallery: np.ndarray | Tensor, k: int | 
     else:
         raise ValueError(f"search index must be 'flat' or 'ivf'; got {options.index!r}")
     index.add(gallery)
-    return index.search(queries, k)
+    return index
+
+
+def search(queries: np.ndarray | Tensor, gallery: np.ndarray | Tensor | faiss.Index, k: int | None,
+           options: SearchOptions = SearchOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, neighbours) [Q, k]: the ``k`` gallery rows (all of them for None) of highest
+    inner product with each L2-normalised query, best first; ``gallery`` as features or as a
+    :func:`build_index` index. With IVF, ranks past the visited cells are -1."""
+    index = gallery if isinstance(gallery, faiss.Index) else build_index(gallery, options)
+    queries = _unit_rows(queries, "queries")
+    if queries.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the gallery {index.d}")
+    return index.search(queries, index.ntotal if k is None else min(k, index.ntotal))
 
 
 # ----------------------------------------------------------------------------------- GLDv2

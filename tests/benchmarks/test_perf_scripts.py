@@ -18,3 +18,16 @@ def test_model_parallel_softmax_perf_script(tmp_path, capsys):
     assert tables == [f"{kind}_C300_W2_bf16-mixed_r{rank}.txt" for kind in ("model_parallel", "partial_fc")
                       for rank in (0, 1)] + ["plain_C300_W2_bf16-mixed_r0.txt"]
     assert "aten::mm" in (tmp_path / "plain_C300_W2_bf16-mixed_r0.txt").read_text()
+
+
+def test_retrieval_perf_script(tmp_path, capsys):
+    from benchmarks.perf import retrieval
+
+    out = tmp_path / "retrieval.json"
+    retrieval.main(["--backbones", "test_resnet", "--image-size", "32", "--batch", "2", "--batches", "1", "--device", "cpu",
+                    "--gallery", "2000", "--dims", "16", "--queries", "10", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["extract"][0]["images_per_s"] > 0
+    assert [r["index"] for r in results["search"]] == ["flat", "ivf"]
+    assert results["search"][0]["recall@100_of_flat"] == 1.0 and 0 < results["search"][1]["recall@100_of_flat"] <= 1
+    assert "| 2000 | 16 | ivf |" in capsys.readouterr().out
