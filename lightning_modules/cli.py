@@ -25,6 +25,7 @@ LightningCLI this adds what every run of the suite shares:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.nan_guard import FiniteLossGuard
@@ -48,12 +50,33 @@ from lightning_modules.base import VisionZooModule
 from lightning_modules.framework import CommandLineOverCheckpoint, name_saved_config, silence_framework_noise
 
 RUNS_ROOT = Path("runs")
+#: visionzoo's own packages, whose ``logging`` records (``log.info`` of a DataModule, a metric, a
+#: method) the command shows as Lightning shows its own: info from rank 0 only, warnings from all.
+PACKAGES = ("benchmarks", "callbacks", "datamodules", "lightning_modules")
+
+
+class _RankZeroInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or rank_zero_only.rank == 0
+
+
+def show_visionzoo_logs() -> None:
+    """Records of :data:`PACKAGES` at INFO and above on stderr (once per process)."""
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RankZeroInfo) for h in logger.handlers for f in h.filters):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.addFilter(_RankZeroInfo())
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         on_terminal = sys.stdout.isatty()
         silence_framework_noise()
+        show_visionzoo_logs()
         super().__init__(
             args=args,
             run=run,

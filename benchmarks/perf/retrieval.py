@@ -9,8 +9,8 @@
 - ``search``: for each gallery size and dimension, random unit vectors (a gallery of clusters,
   so that IVF has structure to find), the time to build the index (IVF: its training on the
   gallery) apart from the time to search ``--queries`` queries for their 100 nearest, ``flat`` (exact inner
-  product, the default of every visionzoo protocol) against ``ivf`` (``nlist`` 4·√N, ``nprobe``
-  16), and IVF's recall@100 of the flat result (the baseline, in the same run).
+  product, the default of every visionzoo protocol) against ``ivf`` (``--nlist`` cells, default
+  4·√N, ``nprobe`` 16), and IVF's recall@100 of the flat result (the baseline, in the same run).
 
 faiss runs on the CPU through OpenBLAS for flat search: with ``OPENBLAS_CORETYPE`` set to a core
 type other than the machine's (a common leftover in cluster environments), its kernels can run
@@ -56,13 +56,13 @@ def clustered(count: int, dim: int, generator: np.random.Generator, clusters: in
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def search_rows(gallery_size: int, dim: int, queries: int, k: int = 100) -> list[dict]:
+def search_rows(gallery_size: int, dim: int, queries: int, nlist: int | None, k: int = 100) -> list[dict]:
     """Flat and IVF search of ``queries`` queries in a gallery of ``gallery_size`` x ``dim``."""
     generator = np.random.default_rng(0)
     gallery = clustered(gallery_size, dim, generator)
     query = clustered(queries, dim, generator)
     rows, exact = [], None
-    for options in (SearchOptions("flat"), SearchOptions("ivf")):
+    for options in (SearchOptions("flat"), SearchOptions("ivf", nlist=nlist)):
         started = time.perf_counter()
         index = build_index(gallery, options)
         built = time.perf_counter()
@@ -72,7 +72,7 @@ def search_rows(gallery_size: int, dim: int, queries: int, k: int = 100) -> list
             exact, recall = neighbours, 1.0
         else:
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, neighbours)]))
-        rows.append({"gallery": gallery_size, "dim": dim, "index": options.index, "queries": queries,
+        rows.append({"gallery": gallery_size, "dim": dim, "index": options.index, "nlist": options.nlist, "queries": queries,
                      "build_s": built - started, "search_s": elapsed, "ms_per_query": 1000 * elapsed / queries, "recall@100_of_flat": recall})
     return rows
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--nlist", type=int, help="IVF cells (default 4 sqrt(N)); k-means on a 2-core CPU needs fewer at 1e6")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| gallery | dim | index | build s | ms/query | recall@100 of flat |\n|---|---|---|---|---|---|")
     for size in args.gallery:
         for dim in args.dims:
-            for row in search_rows(size, dim, args.queries):
+            for row in search_rows(size, dim, args.queries, args.nlist):
                 results["search"].append(row)
                 print(f"| {size} | {dim} | {row['index']} | {row['build_s']:.2f} | {row['ms_per_query']:.3f} | "
                       f"{row['recall@100_of_flat']:.3f} |")

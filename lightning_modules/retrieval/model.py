@@ -32,6 +32,8 @@ the GeM papers' fine-tuning.
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +57,8 @@ from lightning_modules.nn.backbones import create_backbone, freeze_
 from lightning_modules.nn.gem import GeMEmbedding, multi_scale
 from lightning_modules.nn.margins import CombinedMarginHead, MarginHead
 from lightning_modules.recipe import OptimizerRecipe
+
+log = logging.getLogger(__name__)
 
 #: The checkpoint entry of the training classes' landmark ids (``GLDv2DataModule.state_dict``).
 DATAMODULE_STATE = "GLDv2DataModule"
@@ -159,10 +163,25 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
         return metrics
 
     def evaluation_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        started = time.perf_counter()
         outputs = {"embedding": self.embed(batch["image"]).float()}
         if self.old_model is not None:
             outputs["old_embedding"] = self.old_model.embed(batch["image"]).float()
+        if outputs["embedding"].is_cuda:
+            torch.cuda.synchronize()
+        self._extraction = [self._extraction[0] + time.perf_counter() - started, self._extraction[1] + len(batch["image"])]
         return outputs
+
+    def _start(self, stage: Stage) -> None:
+        super()._start(stage)
+        self._extraction = [0.0, 0]  # seconds, images
+
+    def _end(self, stage: Stage) -> None:
+        seconds, images = self._extraction
+        if images:
+            log.info("%s: extracted %d images on this rank in %.1f s (%.2f ms an image%s)", stage, images, seconds,
+                     1000 * seconds / images, ", both models" if self.old_model is not None else "")
+        super()._end(stage)
 
     def prediction_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``visionzoo predict``: the test-time embedding of every image of the eval sets."""
