@@ -139,7 +139,9 @@ class CMD(ClipFeaturePredictions, VisionZooModule):
             "motion_keys": motion_keys(targets[:, 0], targets[:, 1:]),
         }
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Steps 2-4 on a training batch: ``loss`` and its two InfoNCE terms with their top-1
+        accuracies (``loss_context``, ``loss_motion``, ``acc_context``, ``acc_motion``)."""
         hp = self.hparams
         embeddings = self.embed(batch)
         loss_context, acc_context, _, _ = gathered_info_nce(
@@ -148,13 +150,14 @@ class CMD(ClipFeaturePredictions, VisionZooModule):
         loss_motion, acc_motion, _, _ = gathered_info_nce(
             embeddings["predicted_motion"].flatten(0, 1), embeddings["motion_keys"], hp.temperature, hp.key_gradient
         )
-        loss = hp.context_weight * loss_context + hp.motion_weight * loss_motion
+        return {"loss": hp.context_weight * loss_context + hp.motion_weight * loss_motion,
+                "loss_context": loss_context, "loss_motion": loss_motion, "acc_context": acc_context, "acc_motion": acc_motion}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        values = self.losses(batch)
+        loss = values.pop("loss")
         batch_size = len(batch["video"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict(
-            {"train/loss_context": loss_context, "train/loss_motion": loss_motion,
-             "train/acc_context": acc_context, "train/acc_motion": acc_motion},
-            batch_size=batch_size,
-        )
+        self.log_dict({f"train/{name}": value for name, value in values.items()}, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss

@@ -4,6 +4,7 @@ and MV flip/clamp, the missing re-encode error, and the config training a few st
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from pathlib import Path
 
@@ -252,3 +253,40 @@ def test_cmd_config_trains_a_few_steps_on_the_mini_set(mini_ucf101, tmp_path, mo
     first_lr = next(float(r["train/lr"]) for r in rows if r.get("train/lr"))
     assert first_lr == pytest.approx(5e-4 * 2 * 0.01, rel=1e-6)  # the warm-up starts at 1 %
     assert Path(cli.trainer.default_root_dir) == Path("runs/ucf101/cmd/split1")
+
+
+def test_cmd_learns_both_pretext_tasks_of_a_fixed_mini_batch(mini_ucf101, tmp_path, monkeypatch):
+    """What the mini set can show of CMD at CPU scale. Its value, representations that transfer,
+    it cannot show reliably: 15 epochs of CMD on the tiny R(2+1)D lifted the linear probe of
+    SeCo's learning test to video top-1 0.83, 0.80 and 0.71 in three runs against 0.69 from the
+    random backbone, and its motion InfoNCE fell below chance in some runs and not in others (8
+    videos a batch, 64-pixel I-frames, 165 steps). The strongest property that holds every time:
+    the whole model, from the clip, the I-frame and the MV clips through both heads and the
+    transformer, learns both pretext tasks of one batch of the mini set, 30 SGD steps taking the
+    context InfoNCE from chance (ln 8 = 2.08; measured 2.5) to near 0 and the motion InfoNCE from
+    chance (ln 64 = 4.16, 2 MV clips x 8 videos x 4 positions; measured 4.6) to about 1.8. A
+    detached branch, a wrong positive or a broken gather fails it."""
+    monkeypatch.chdir(tmp_path)
+    cli = VisionZooCLI(args=[
+        "--config", str(CONFIGS / "ucf101/cmd.yaml"), "--config", str(CONFIGS / "ucf101/mini.yaml"),
+        "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(mini_ucf101),
+        "--model.init_args.backbone", "r2plus1d_test", "--model.init_args.hidden_dim", "64",
+        "--model.init_args.feedforward_dim", "128", "--model.init_args.head_hidden_dim", "256",
+        "--model.init_args.embedding_dim", "128", "--model.init_args.num_heads", "4",
+        "--data.init_args.train_sampler.init_args.num_negatives", "1", "--data.init_args.train_sampler.init_args.mv_size", "32",
+    ], run=False)
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    model = cli.model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    first = model.losses(batch)
+    for _ in range(30):
+        values = model.losses(batch)
+        optimizer.zero_grad()
+        values["loss"].backward()
+        optimizer.step()
+    last = model.losses(batch)
+    context_chance, motion_chance = math.log(8), math.log(2 * 8 * 4)
+    assert first["loss_context"] > 0.9 * context_chance and first["loss_motion"] > 0.9 * motion_chance
+    assert last["loss_context"] < 0.1 * context_chance and last["acc_context"] == 1.0
+    assert last["loss_motion"] < 0.6 * motion_chance, {k: float(v) for k, v in last.items()}
