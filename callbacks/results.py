@@ -67,6 +67,8 @@ class ResultsWriter(Callback):
             "skipped_corrupt": datamodule.num_skipped,
             # Which: left out at setup, or evaluated by no rank (skipped while loading).
             "skipped_items": sorted({*datamodule.skipped_files, *pl_module.skipped_items.get("test", [])}),
+            # Per-sequence / per-object tables of sequence benchmarks (DAVIS), beside the global numbers.
+            **({"tables": pl_module.result_tables["test"]} if "test" in getattr(pl_module, "result_tables", {}) else {}),
             "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
             # A trained method evaluated without a checkpoint (--ckpt_path none): a baseline, not a result.
             "untrained": not trainer.ckpt_path and "optim" in pl_module.hparams,

@@ -7,7 +7,7 @@ way leaves the previous submission whole. Each rank writes the samples it evalua
 that the distributed sampler repeats is written twice with the same content). The run
 directory must be shared by the ranks, as it is for checkpoints.
 
-Writers: :class:`MVTecTIFFMaps` (MVTec AD); :class:`KaggleRetrievalCSV` (GLDv2, one file from the
+Writers: :class:`MVTecTIFFMaps` (MVTec AD), :class:`DAVISResults` (DAVIS); :class:`KaggleRetrievalCSV` (GLDv2, one file from the
 whole test's rankings). The benchmark's ``python -m benchmarks.metrics.<benchmark>``
 scores such files with visionzoo's metric code where it has one.
 """
@@ -23,6 +23,7 @@ import tifffile
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from benchmarks.metrics.davis import write_label_map
 from benchmarks.metrics.retrieval import GLDv2Protocol, write_retrieval_submission
 
 
@@ -110,6 +111,20 @@ class MVTecTIFFMaps(SubmissionWriter):
             target = directory / image.parents[2].name / "test" / image.parent.name / f"{image.stem}.tiff"
             target.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(target, np.ascontiguousarray(anomaly_map, dtype=np.float32))
+
+
+class DAVISResults(SubmissionWriter):
+    """DAVIS results in the official layout, ``<run dir>/davis_results/<seq>/<frame>.png``: index
+    PNGs with the DAVIS palette and the annotations' frame names, from the sequence loop's
+    ``result`` label maps (0/255 masks for DAVIS 2016), what the official evaluation and the
+    CodaLab server read."""
+
+    def __init__(self, directory: str = "davis_results") -> None:
+        super().__init__(directory)
+
+    def write_batch(self, directory: Path, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
+        for frame, labels in zip(outputs["frame_names"], outputs["result"]):
+            write_label_map(directory / outputs["name"] / f"{frame}.png", labels)
 
 
 class KaggleRetrievalCSV(Callback):

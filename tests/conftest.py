@@ -14,6 +14,7 @@ CONFIGS = REPO / "configs"
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory) -> Path:
     from datamodules.mini.adbench import write_adbench
+    from datamodules.mini.davis import write_davis
     from datamodules.mini.landmarks import write_gldv2, write_revisited
     from datamodules.mini.ms1m import write_ms1m
     from datamodules.mini.mvtec import write_mvtec
@@ -26,7 +27,13 @@ def mini_data(tmp_path_factory) -> Path:
     write_adbench(root / "mvtec_adbench", seed=0)
     write_gldv2(root / "gldv2", seed=0)
     write_revisited(root / "revisited", seed=0)
+    write_davis(root / "davis", seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def mini_davis(mini_data) -> Path:
+    return mini_data / "davis"
 
 
 @pytest.fixture(scope="session")

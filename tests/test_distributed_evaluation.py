@@ -9,7 +9,9 @@ rank's items, count each once and keep the dataset order. Each case here has suc
 - MS1M verification: the mini ``.bin`` sets (pairs of images: an even count, but the two images
   of every pair land on different ranks);
 - GLDv2 retrieval: 40 queries against 100 index images, scored per Public/Private split, and the
-  compatibility table of a model upgrade (every image embedded by two models).
+  compatibility table of a model upgrade (every image embedded by two models);
+- DAVIS: 4 sequences through the sequence loop, each on one rank (2 and 2 by length), the
+  per-object rows gathered in sequence order.
 """
 
 from __future__ import annotations
@@ -99,3 +101,16 @@ def test_gldv2_retrieval_and_compatibility_on_two_ranks_equal_one_process(mini_g
     # The same model as old and new: the cross-test is the self-test, nothing flips.
     assert single["new_old/mAP@100_private"] == pytest.approx(single["old_old/mAP@100_private"])
     assert single["negative_flip_rate"] == 0.0
+
+
+def test_davis_sequence_evaluation_on_two_ranks_equals_one_process(mini_davis, tmp_path):
+    args = ["--config", str(CONFIGS / "davis/first_frame_copy.yaml"), "--config", str(CONFIGS / "davis/mini.yaml"),
+            "--data.init_args.root", str(mini_davis)]
+    single = _test_metrics(args, tmp_path, tmp_path / "single", ONE_PROCESS)
+    two = _test_metrics(args, tmp_path, tmp_path / "two", TWO_RANKS)
+    assert "J&F-Mean" in single
+    _assert_same(single, two)
+    tables = [json.loads((tmp_path / run / "results.json").read_text())["tables"] for run in ("single", "two")]
+    assert tables[0] == tables[1]  # every object once, in sequence order
+    written = sorted(p.relative_to(tmp_path / "two/davis_results") for p in (tmp_path / "two/davis_results").rglob("*.png"))
+    assert len(written) == 10 + 11 + 12 + 10

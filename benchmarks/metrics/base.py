@@ -12,11 +12,16 @@ offline (:meth:`~BenchmarkMetric.score`) and a DDP test run.
 - :class:`EvalSetMetric` is computed on each eval set on its own; with several sets its names
   are prefixed ``<set>_`` (``lfw_acc``).
 - A metric over several sets (retrieval: queries against a gallery) overrides ``combine``.
+
+Benchmarks evaluated one sequence at a time with state (DAVIS, MOT17) use a
+:class:`SequenceMetric`: rows per sequence from its ground truth and the method's predictions,
+then one combine step over the rows of every sequence of every rank
+(``lightning_modules.sequence_evaluation``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -56,3 +61,14 @@ class EvalSetMetric(BenchmarkMetric):
         if len(sets) == 1:
             return self.combine_set(next(iter(sets.values())))
         return {f"{name}_{key}": value for name, rows in sets.items() for key, value in self.combine_set(rows).items()}
+
+
+class SequenceMetric:
+    """A metric of a sequence benchmark (module docstring): :meth:`sequence_rows` of one sequence,
+    :meth:`combine_rows` of all of them (each sequence once, in dataset order)."""
+
+    def sequence_rows(self, name: str, annotations: Any, prediction: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def combine_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        raise NotImplementedError

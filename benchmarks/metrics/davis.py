@@ -46,6 +46,8 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from benchmarks.metrics.base import SequenceMetric
+
 Task = Literal["semi-supervised", "unsupervised"]
 VOID = 255
 MAX_PROPOSALS = 20
@@ -174,6 +176,24 @@ def global_results(rows: Sequence[dict[str, float | str]]) -> dict[str, float]:
     """The official global table from per-object rows (:meth:`ObjectScores.row`), objects pooled."""
     mean = {column: float(np.mean([row[column] for row in rows])) for column in GLOBAL_COLUMNS[1:]}
     return {"J&F-Mean": (mean["J-Mean"] + mean["F-Mean"]) / 2, **mean}
+
+
+class JAndF(SequenceMetric):
+    """The official J&F as a sequence metric of the evaluation layer: per-object rows of each
+    sequence (:meth:`ObjectScores.row`), then :func:`global_results`. :meth:`result_labels` turns
+    a method's label maps into the official result format (0/255 masks for DAVIS 2016)."""
+
+    def __init__(self, task: Task = "semi-supervised", year: Literal[2016, 2017] = 2017) -> None:
+        self.task, self.year = task, year
+
+    def result_labels(self, prediction: np.ndarray) -> np.ndarray:
+        return np.where(prediction > 0, 255, 0).astype(np.uint8) if self.year == 2016 else prediction.astype(np.uint8)
+
+    def sequence_rows(self, name: str, annotations: np.ndarray, prediction: np.ndarray) -> list[dict[str, float | str]]:
+        return [scores.row() for scores in score_sequence(name, annotations, self.result_labels(prediction), self.task, self.year)]
+
+    def combine_rows(self, rows: Sequence[dict[str, float | str]]) -> dict[str, float]:
+        return global_results(rows)
 
 
 # --------------------------------------------------------------------------------- files

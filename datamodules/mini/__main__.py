@@ -1,11 +1,11 @@
 """Write a mini dataset in a benchmark's official layout:
-``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited} OUT``."""
+``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited,davis} OUT``."""
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.mini import adbench, landmarks, ms1m, mvtec, ucf101
+from datamodules.mini import adbench, davis, landmarks, ms1m, mvtec, ucf101
 
 
 def _summary(root: Path) -> str:
@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_revisited.add_argument("--seed", type=int, default=0)
     parser_revisited.add_argument("--dataset", choices=["roxford5k", "rparis6k"], default="roxford5k")
     parser_revisited.set_defaults(write=lambda args: landmarks.write_revisited(args.out, seed=args.seed, dataset=args.dataset))
+
+    parser_davis = benchmarks.add_parser("davis", help="mini DAVIS 2017 layout (synthetic textured objects moving)")
+    parser_davis.add_argument("out", type=Path)
+    parser_davis.add_argument("--seed", type=int, default=0)
+    parser_davis.set_defaults(write=lambda args: davis.write_davis(args.out, seed=args.seed))
 
     args = parser.parse_args(argv)
     print(_summary(args.write(args)))

@@ -1,0 +1,250 @@
+"""DAVIS video object segmentation: the official layout read and checked, whole sequences served
+for the sequence evaluation loop (benchmarks.md §1.1).
+
+Under ``root`` (the ``DAVIS/`` folder of the 2017 package; the 2016 package has the same
+folders):
+
+- ``JPEGImages/<resolution>/<seq>/%05d.jpg`` (``480p`` or ``Full-Resolution``; ``1080p`` in 2016);
+- ``Annotations/<resolution>/<seq>/%05d.png``: index PNGs, 0 background, 1..N objects, 255 void
+  (DAVIS 2016: binary 0/255 masks, one object); ``Annotations_unsupervised/`` for the
+  unsupervised task;
+- ``ImageSets/<year>/<split>.txt``, one sequence per line (the 2016 package's
+  ``ImageSets/480p/<split>.txt`` lists frame/annotation path pairs instead; both are read).
+
+``setup()`` checks the layout and lists everything missing; a frame without its annotation, an
+annotation that is not an index PNG (an RGB rendering) and a sequence whose frames are not
+numbered 0..T-1 without gaps are errors naming the file. DAVIS 2016 (``year: 2016``) scores the
+2017 masks merged into one object, as hkchengrex/davis2016-evaluation does.
+
+An evaluation item is one whole sequence (:class:`SequenceItem`): its frames (uint8
+[T, H, W, 3]), its annotations (uint8 [T, H, W], for the metric), the frame names, and in the
+semi-supervised task the first frame's objects (the method's input). :class:`SequenceShards`
+puts each sequence on exactly one rank, longest first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from benchmarks.metrics.davis import JAndF, Task, read_label_map
+from datamodules.base import EvalSet, VisionZooDataModule
+from datamodules.formats.images import read_image
+from datamodules.layout import layout_error
+from datamodules.resumable import eval_loader
+
+FRAME_NAME = re.compile(r"^\d{5}$")
+
+
+@dataclass(frozen=True)
+class SequenceRecord:
+    """A sequence on disk: its frame and annotation files, in frame order."""
+
+    name: str
+    frames: tuple[Path, ...]
+    annotations: tuple[Path, ...]
+
+    @property
+    def frame_names(self) -> list[str]:
+        return [path.stem for path in self.frames]
+
+
+def sequence_names(split_file: Path) -> list[str]:
+    """Sequence names of a split file: one per line (2017), or frame path pairs (2016's 480p lists)."""
+    names: list[str] = []
+    for line in split_file.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name = Path(line.split()[0]).parent.name if "/" in line else line
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def scan_sequence(root: Path, name: str, resolution: str, annotations: str) -> SequenceRecord:
+    """The frames and annotations of ``name``; errors name the file that breaks the layout."""
+    frame_dir, annotation_dir = root / "JPEGImages" / resolution / name, root / annotations / resolution / name
+    frames = sorted(frame_dir.glob("*.jpg"))
+    if not frames:
+        raise FileNotFoundError(f"{frame_dir}: no frames (expected %05d.jpg)")
+    for index, path in enumerate(frames):
+        if not FRAME_NAME.match(path.stem) or int(path.stem) != index:
+            raise ValueError(f"{path}: frame {index} of {name} was expected as {index:05d}.jpg; DAVIS frames are numbered "
+                             "0..T-1 without gaps")
+    labels = []
+    for path in frames:
+        annotation = annotation_dir / f"{path.stem}.png"
+        if not annotation.is_file():
+            raise FileNotFoundError(f"{annotation}: the annotation of frame {path.name} of {name} is missing")
+        labels.append(annotation)
+    return SequenceRecord(name, tuple(frames), tuple(labels))
+
+
+@dataclass
+class SequenceItem:
+    """One sequence to evaluate: ``frames`` uint8 [T, H, W, 3], ``annotations`` uint8 [T, H, W]
+    (the official label maps: 0, 1..N, 255 void), ``frame_names``, and ``first_masks`` (the first
+    frame's label map, void as background) in the semi-supervised task, else None."""
+
+    name: str
+    frames: np.ndarray
+    annotations: np.ndarray
+    frame_names: list[str]
+    first_masks: Optional[np.ndarray]
+    eval_set: str = ""
+    index: int = -1
+
+    @property
+    def num_objects(self) -> int:
+        return int(np.where(self.annotations[0] == 255, 0, self.annotations[0]).max())
+
+
+class DAVISSequences(Dataset):
+    """Whole sequences as :class:`SequenceItem` (read on access)."""
+
+    def __init__(self, records: Sequence[SequenceRecord], task: Task, year: int) -> None:
+        self.records, self.task, self.year = list(records), task, year
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def item_name(self, i: int) -> str:
+        return self.records[i].name
+
+    def __getitem__(self, i: int) -> SequenceItem:
+        record = self.records[i]
+        frames = np.stack([read_image(path) for path in record.frames])
+        annotations = np.stack([read_label_map(path) for path in record.annotations])
+        if annotations.shape != frames.shape[:3]:
+            raise ValueError(f"{record.annotations[0]}: annotations of {record.name} are {annotations.shape[1:]}, its frames "
+                             f"{frames.shape[1:3]}; evaluate at the annotations' resolution")
+        if self.year == 2016:
+            annotations = np.where(annotations == 255, 255, (annotations > 0).astype(np.uint8))
+        first = np.where(annotations[0] == 255, 0, annotations[0]) if self.task == "semi-supervised" else None
+        return SequenceItem(record.name, frames, annotations, record.frame_names, first)
+
+
+class SequenceShards(DistributedSampler):
+    """Each sequence on exactly one rank: longest first, each to the rank with the fewest frames
+    so far. Lightning keeps a DistributedSampler as it is; ranks may get different counts (the
+    sequence loop has no collective per sequence)."""
+
+    def __init__(self, lengths: Sequence[int], num_replicas: int, rank: int) -> None:
+        self.lengths, self.num_replicas, self.rank, self.epoch = list(lengths), num_replicas, rank, 0
+        load = [0] * num_replicas
+        shares: list[list[int]] = [[] for _ in range(num_replicas)]
+        for index in sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i)):
+            target = min(range(num_replicas), key=lambda r: (load[r], r))
+            shares[target].append(index)
+            load[target] += self.lengths[index]
+        self.indices = shares[rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _one_sequence(items: list[SequenceItem]) -> SequenceItem:
+    """Batches of one sequence are the sequence itself."""
+    if len(items) != 1:
+        raise ValueError("DAVIS evaluation batches hold one sequence (batch_size 1)")
+    return items[0]
+
+
+class _IndexedSequences(EvalSet):
+    """An EvalSet whose items (SequenceItem dataclasses) carry their set name and index."""
+
+    def __getitem__(self, index: int) -> SequenceItem:
+        item = self.dataset[index]
+        item.eval_set, item.index = self.name, index
+        return item
+
+
+class DAVISDataModule(VisionZooDataModule):
+    """DAVIS (module docstring): ``year`` 2017 or 2016, ``split`` (val), ``resolution`` (480p or
+    Full-Resolution), ``task`` (semi-supervised or unsupervised; 2016 is semi-supervised in this
+    suite, the zero-shot methods score it unsupervised through the merged single object)."""
+
+    benchmark = "davis"
+
+    def __init__(
+        self,
+        root: str,
+        year: Literal[2016, 2017] = 2017,
+        split: str = "val",
+        resolution: str = "480p",
+        task: Task = "semi-supervised",
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if year not in (2016, 2017):
+            raise ValueError(f"data.year must be 2016 or 2017; got {year}")
+        if task not in ("semi-supervised", "unsupervised"):
+            raise ValueError(f"data.task must be semi-supervised or unsupervised; got {task!r}")
+        self.root, self.year, self.split, self.resolution, self.task = Path(root), year, split, resolution, task
+        self.num_workers = num_workers
+        self.sequences: Optional[DAVISSequences] = None
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.year}_{self.split}" + ("_unsupervised" if self.task == "unsupervised" else "")
+
+    @property
+    def num_skipped(self) -> int:
+        return 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"root": str(self.root.resolve()), "year": self.year, "split": self.split, "resolution": self.resolution,
+                "task": self.task, "sequences": len(self.sequences.records) if self.sequences else None}
+
+    def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:
+        return [self.split]
+
+    def _split_file(self) -> Path:
+        candidates = [self.root / "ImageSets" / str(self.year) / f"{self.split}.txt",
+                      self.root / "ImageSets" / self.resolution / f"{self.split}.txt"]
+        return next((path for path in candidates if path.is_file()), candidates[0])
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.sequences is not None:
+            return
+        annotations = "Annotations_unsupervised" if self.task == "unsupervised" else "Annotations"
+        split_file = self._split_file()
+        required = [split_file, self.root / "JPEGImages" / self.resolution, self.root / annotations / self.resolution]
+        missing = [str(path) for path in required if not path.exists()]
+        if not missing:
+            names = sequence_names(split_file)
+            missing = [str(self.root / folder / self.resolution / name) for name in names
+                       for folder in ("JPEGImages", annotations) if not (self.root / folder / self.resolution / name).is_dir()]
+        if missing:
+            raise layout_error("DAVIS", self.root, missing, f"(DAVIS {self.year} {self.split}, {self.resolution}, {self.task})")
+        self.sequences = DAVISSequences([scan_sequence(self.root, name, self.resolution, annotations) for name in names],
+                                        self.task, self.year)
+
+    def test_dataloader(self) -> DataLoader:
+        """One sequence a batch, each on one rank (:class:`SequenceShards`)."""
+        self.setup("test")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = _IndexedSequences(self.split, self.sequences)
+        lengths = [len(record.frames) for record in self.sequences.records]
+        return eval_loader(dataset, batch_size=1, sampler=SequenceShards(lengths, world, rank), collate_fn=_one_sequence,
+                           num_workers=self.num_workers, persistent_workers=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def sequence_metric(self) -> JAndF:
+        """The official J&F of this task and year."""
+        return JAndF(self.task, self.year)
+
