@@ -30,14 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import albumentations as A
+import cv2
 import numpy as np
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmarks.metrics.davis import JAndF, Task, read_label_map
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.formats.images import read_image
 from datamodules.layout import layout_error
-from datamodules.resumable import eval_loader
+from datamodules.clips import as_clip, to_model_input
+from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader, split_epoch_index
 
 FRAME_NAME = re.compile(r"^\d{5}$")
 
@@ -105,6 +110,10 @@ class SequenceItem:
     def num_objects(self) -> int:
         return int(np.where(self.annotations[0] == 255, 0, self.annotations[0]).max())
 
+    def frame_tensor(self, t: int) -> Tensor:
+        """Frame ``t`` as a method's input (:func:`frame_tensor`)."""
+        return frame_tensor(self.frames[t])
+
 
 class DAVISSequences(Dataset):
     """Whole sequences as :class:`SequenceItem` (read on access)."""
@@ -129,6 +138,77 @@ class DAVISSequences(Dataset):
             annotations = np.where(annotations == 255, 255, (annotations > 0).astype(np.uint8))
         first = np.where(annotations[0] == 255, 0, annotations[0]) if self.task == "semi-supervised" else None
         return SequenceItem(record.name, frames, annotations, record.frame_names, first)
+
+
+def frame_tensor(frame: np.ndarray) -> Tensor:
+    """An RGB uint8 frame [H, W, 3] as the ImageNet-normalised float tensor [3, H, W]."""
+    return to_model_input(as_clip(frame[None]))[:, 0]
+
+
+def clip_frames(length: int, num_frames: int, skip: int, generator: torch.Generator) -> list[int]:
+    """Increasing frame indices of a training clip (STM's training code): the first anywhere
+    before the last ``num_frames - 1`` frames, each next one 1 to ``skip + 1`` frames after the
+    previous, as far as the sequence allows."""
+    if length < num_frames:
+        raise ValueError(f"a training clip of {num_frames} frames needs a sequence of as many; got {length}")
+    first = int(torch.randint(length - num_frames + 1, (), generator=generator))
+    frames = [first]
+    for remaining in range(num_frames - 1, 0, -1):
+        low = frames[-1] + 1
+        high = min(length - remaining, frames[-1] + 1 + skip)  # room for the frames still to come
+        frames.append(low + int(torch.randint(high - low + 1, (), generator=generator)))
+    return frames
+
+
+class DAVISClips(AugmentationRNG, Dataset):
+    """Training clips: ``num_frames`` frames of one sequence (:func:`clip_frames`, the skip
+    ``min(max_skip, epoch // skip_every_epochs)``, the epoch carried by the index), one joint
+    augmentation of all frames and masks (albumentations: affine, pad and random crop to
+    ``crop_size``, flip), the objects of the first frame relabelled 1..n (at most
+    ``max_objects``, the others background), void 255 kept. Items: ``frames`` [F, 3, S, S]
+    normalised, ``masks`` [F, S, S] int64, ``num_objects``. A crop without an object in its first
+    frame is drawn again (up to 20 times)."""
+
+    def __init__(self, records: Sequence[SequenceRecord], num_frames: int, crop_size: int, max_skip: int,
+                 skip_every_epochs: int, max_objects: int, clips_per_sequence: int) -> None:
+        self.records, self.num_frames, self.crop_size = list(records), num_frames, crop_size
+        self.max_skip, self.skip_every_epochs, self.max_objects = max_skip, skip_every_epochs, max_objects
+        self.clips_per_sequence = clips_per_sequence
+        targets = {f"image{i}": "image" for i in range(1, num_frames)} | {f"mask{i}": "mask" for i in range(1, num_frames)}
+        self.transform = A.Compose([
+            A.Affine(scale=(0.9, 1.1), rotate=(-10, 10), shear=(-5, 5), fill=0, fill_mask=0, p=1.0),
+            A.PadIfNeeded(crop_size, crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+            A.RandomCrop(crop_size, crop_size),
+            A.HorizontalFlip(),
+        ], additional_targets=targets)
+
+    def __len__(self) -> int:
+        return len(self.records) * self.clips_per_sequence
+
+    def skip(self, epoch: int) -> int:
+        return min(self.max_skip, epoch // self.skip_every_epochs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, index = split_epoch_index(index, len(self))
+        record = self.records[index % len(self.records)]
+        chosen = clip_frames(len(record.frames), self.num_frames, self.skip(epoch), self.generator)
+        images = [read_image(record.frames[t]) for t in chosen]
+        labels = [read_label_map(record.annotations[t]) for t in chosen]
+        for _ in range(20):
+            self.transform.set_random_seed(self.draw_seed())
+            out = self.transform(image=images[0], mask=labels[0],
+                                 **{f"image{i}": images[i] for i in range(1, self.num_frames)},
+                                 **{f"mask{i}": labels[i] for i in range(1, self.num_frames)})
+            masks = np.stack([out["mask"]] + [out[f"mask{i}"] for i in range(1, self.num_frames)])
+            objects = [k for k in np.unique(masks[0]) if 0 < k < 255][: self.max_objects]
+            if objects:
+                break
+        relabelled = np.where(masks == 255, 255, 0).astype(np.int64)
+        for new, old in enumerate(objects, start=1):
+            relabelled[masks == old] = new
+        frames = [out["image"]] + [out[f"image{i}"] for i in range(1, self.num_frames)]
+        return {"frames": torch.stack([frame_tensor(f) for f in frames]), "masks": torch.from_numpy(relabelled),
+                "num_objects": len(objects)}
 
 
 class SequenceShards(DistributedSampler):
@@ -171,8 +251,11 @@ class _IndexedSequences(EvalSet):
 
 class DAVISDataModule(VisionZooDataModule):
     """DAVIS (module docstring): ``year`` 2017 or 2016, ``split`` (val), ``resolution`` (480p or
-    Full-Resolution), ``task`` (semi-supervised or unsupervised; 2016 is semi-supervised in this
-    suite, the zero-shot methods score it unsupervised through the merged single object)."""
+    Full-Resolution), ``task`` (semi-supervised or unsupervised). Training
+    (:class:`DAVISClips`) on ``train_split``: clips of ``num_frames`` (3) frames, crops of
+    ``crop_size`` (384), the temporal skip growing by one every ``skip_every_epochs`` epochs up to
+    ``max_skip`` (25; STM's training code grows it every 3000 iterations), ``clips_per_sequence``
+    clips of every sequence an epoch, ``batch_size`` clips a rank."""
 
     benchmark = "davis"
 
@@ -183,10 +266,21 @@ class DAVISDataModule(VisionZooDataModule):
         split: str = "val",
         resolution: str = "480p",
         task: Task = "semi-supervised",
+        train_split: str = "train",
+        num_frames: int = 3,
+        crop_size: int = 384,
+        max_skip: int = 25,
+        skip_every_epochs: int = 1,
+        max_objects: int = 3,
+        clips_per_sequence: int = 1,
+        batch_size: int = 4,
         num_workers: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.train_split, self.batch_size = train_split, batch_size
+        self.clips = dict(num_frames=num_frames, crop_size=crop_size, max_skip=max_skip, skip_every_epochs=skip_every_epochs,
+                          max_objects=max_objects, clips_per_sequence=clips_per_sequence)
         if year not in (2016, 2017):
             raise ValueError(f"data.year must be 2016 or 2017; got {year}")
         if task not in ("semi-supervised", "unsupervised"):
@@ -194,6 +288,7 @@ class DAVISDataModule(VisionZooDataModule):
         self.root, self.year, self.split, self.resolution, self.task = Path(root), year, split, resolution, task
         self.num_workers = num_workers
         self.sequences: Optional[DAVISSequences] = None
+        self.train_clips: Optional[DAVISClips] = None
 
     @property
     def run_name(self) -> str:
@@ -210,16 +305,21 @@ class DAVISDataModule(VisionZooDataModule):
     def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:
         return [self.split]
 
-    def _split_file(self) -> Path:
-        candidates = [self.root / "ImageSets" / str(self.year) / f"{self.split}.txt",
-                      self.root / "ImageSets" / self.resolution / f"{self.split}.txt"]
+    def _split_file(self, split: str) -> Path:
+        candidates = [self.root / "ImageSets" / str(self.year) / f"{split}.txt",
+                      self.root / "ImageSets" / self.resolution / f"{split}.txt"]
         return next((path for path in candidates if path.is_file()), candidates[0])
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.sequences is not None:
-            return
-        annotations = "Annotations_unsupervised" if self.task == "unsupervised" else "Annotations"
-        split_file = self._split_file()
+        if self.sequences is None:
+            self.sequences = DAVISSequences(self._records(self.split), self.task, self.year)
+        if stage in ("fit", None) and self.train_clips is None:
+            self.train_clips = DAVISClips(self._records(self.train_split, "Annotations"), **self.clips)
+
+    def _records(self, split: str, annotations: Optional[str] = None) -> list[SequenceRecord]:
+        """The checked records of ``split`` (the task's annotations unless ``annotations``)."""
+        annotations = annotations or ("Annotations_unsupervised" if self.task == "unsupervised" else "Annotations")
+        split_file = self._split_file(split)
         required = [split_file, self.root / "JPEGImages" / self.resolution, self.root / annotations / self.resolution]
         missing = [str(path) for path in required if not path.exists()]
         if not missing:
@@ -227,9 +327,14 @@ class DAVISDataModule(VisionZooDataModule):
             missing = [str(self.root / folder / self.resolution / name) for name in names
                        for folder in ("JPEGImages", annotations) if not (self.root / folder / self.resolution / name).is_dir()]
         if missing:
-            raise layout_error("DAVIS", self.root, missing, f"(DAVIS {self.year} {self.split}, {self.resolution}, {self.task})")
-        self.sequences = DAVISSequences([scan_sequence(self.root, name, self.resolution, annotations) for name in names],
-                                        self.task, self.year)
+            raise layout_error("DAVIS", self.root, missing, f"(DAVIS {self.year} {split}, {self.resolution}, {self.task})")
+        return [scan_sequence(self.root, name, self.resolution, annotations) for name in names]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled clips, the epoch in the index (the growing skip), resumable mid-epoch."""
+        self.setup("fit")
+        return resumable_train_loader(self.train_clips, self.trainer, drop_last=True, epoch_in_index=True,
+                                      **loader_options(self.batch_size, self.num_workers))
 
     def test_dataloader(self) -> DataLoader:
         """One sequence a batch, each on one rank (:class:`SequenceShards`)."""

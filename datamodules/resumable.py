@@ -67,8 +67,23 @@ def loader_options(batch_size: int, num_workers: int) -> dict[str, Any]:
     }
 
 
+class EpochInIndexSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose indices carry the epoch: ``epoch · len(dataset) + i``, for
+    datasets whose samples change with the epoch (DAVIS's growing temporal skip) in every
+    DataLoader worker, persistent or not, and on resume (:func:`split_epoch_index`)."""
+
+    def __iter__(self):
+        offset = self.epoch * len(self.dataset)  # type: ignore[arg-type]
+        return (offset + i for i in super().__iter__())
+
+
+def split_epoch_index(index: int, size: int) -> tuple[int, int]:
+    """(epoch, dataset index) of an :class:`EpochInIndexSampler` index."""
+    return divmod(index, size)
+
+
 def resumable_train_loader(
-    dataset: Dataset, trainer: Trainer | None, drop_last: bool, **loader_options: Any
+    dataset: Dataset, trainer: Trainer | None, drop_last: bool, epoch_in_index: bool = False, **loader_options: Any
 ) -> StatefulDataLoader:
     """A shuffling ``StatefulDataLoader`` over this rank's share of ``dataset``, or over all of it
     when the method does not shard its training data (``VisionZooModule.shards_training_data``).
@@ -76,11 +91,12 @@ def resumable_train_loader(
     The order is a ``DistributedSampler``'s (one replica without a trainer or DDP): a function
     of the run's seed and the epoch only, which Lightning keeps (it does not replace a
     ``DistributedSampler``) and sets each epoch; a resumed loader fast-forwards through it.
-    Worker seeds come from a generator of their own; ``loader_options`` go to the loader.
+    Worker seeds come from a generator of their own; ``loader_options`` go to the loader. With
+    ``epoch_in_index`` the indices carry the epoch (:class:`EpochInIndexSampler`).
     """
     sharded = trainer is not None and getattr(trainer.lightning_module, "shards_training_data", True)
     world_size, rank = (trainer.world_size, trainer.global_rank) if sharded else (1, 0)
-    sampler = DistributedSampler(
+    sampler = (EpochInIndexSampler if epoch_in_index else DistributedSampler)(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=torch.initial_seed(), drop_last=drop_last
     )
     generator = torch.Generator().manual_seed(torch.initial_seed())

@@ -80,8 +80,7 @@ def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_
 # model.weights, and without them starts from random weights, saying so).
 # GLDv2 starts from ImageNet weights (RACT, the GLDv2 recipes); its ROxford test config loads a checkpoint.
 PAPERS_USE_PRETRAINED = {"mvtec": True, "mvtec_adbench": True, "ms1m": False, "ucf101": False, "gldv2": True,
-                         "gldv2/revisited_eval": False, "davis": False,
-                         "davis/first_frame_copy": None}  # no network at all
+                         "gldv2/revisited_eval": False, "davis": True}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -94,8 +93,6 @@ def test_paper_config_uses_the_papers_weights_and_mini_needs_no_network(config):
         return model.get("pretrained", data.get("pretrained"))
 
     assert pretrained(config) is expected
-    if expected is None:
-        return
     assert pretrained(config.with_name(MINI_PRESET)) is False
 
 

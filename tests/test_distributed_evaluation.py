@@ -104,7 +104,8 @@ def test_gldv2_retrieval_and_compatibility_on_two_ranks_equal_one_process(mini_g
 
 
 def test_davis_sequence_evaluation_on_two_ranks_equals_one_process(mini_davis, tmp_path):
-    args = ["--config", str(CONFIGS / "davis/first_frame_copy.yaml"), "--config", str(CONFIGS / "davis/mini.yaml"),
+    args = ["--config", str(CONFIGS / "davis/stm.yaml"), "--config", str(CONFIGS / "davis/mini.yaml"),
+            "--model", "lightning_modules.vos.baselines.FirstFrameCopy",
             "--data.init_args.root", str(mini_davis)]
     single = _test_metrics(args, tmp_path, tmp_path / "single", ONE_PROCESS)
     two = _test_metrics(args, tmp_path, tmp_path / "two", TWO_RANKS)

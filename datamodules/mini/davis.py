@@ -43,7 +43,7 @@ def write_sequence(root: Path, name: str, rng: np.random.Generator, frames: int,
     for _ in range(objects):
         shapes.append({
             "centre": rng.uniform([0.25 * height, 0.2 * width], [0.75 * height, 0.8 * width]),
-            "velocity": rng.uniform(-1.5, 1.5, 2),
+            "velocity": rng.uniform(-3.0, 3.0, 2),
             "size": rng.uniform(0.12, 0.22) * min(height, width),
             "growth": rng.uniform(-0.02, 0.03),
             "ellipse": rng.random() < 0.5,
@@ -75,7 +75,7 @@ def write_sequence(root: Path, name: str, rng: np.random.Generator, frames: int,
             write_label_map(root / folder / "480p" / name / f"{t:05d}.png", annotation)
 
 
-def write_davis(out: Path, seed: int = 0, train: int = 6, val: int = 4, frames: int = 10, height: int = 48,
+def write_davis(out: Path, seed: int = 0, train: int = 10, val: int = 4, frames: int = 10, height: int = 48,
                 width: int = 80) -> Path:
     """Mini DAVIS under ``out`` (module docstring); returns ``out``."""
     rng = np.random.default_rng([seed, 3])

@@ -17,7 +17,8 @@ from conftest import CONFIGS
 
 
 def _args(mini_davis: Path) -> list[str]:
-    return ["--config", str(CONFIGS / "davis/first_frame_copy.yaml"), "--config", str(CONFIGS / "davis/mini.yaml"),
+    return ["--config", str(CONFIGS / "davis/stm.yaml"), "--config", str(CONFIGS / "davis/mini.yaml"),
+            "--model", "lightning_modules.vos.baselines.FirstFrameCopy",
             "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(mini_davis)]
 
 
