@@ -78,7 +78,7 @@ def test_clip_loss_trains_both_encoders_with_batchnorm_frozen():
 def test_stm_learns_to_track_the_mini_objects_better_than_copying_the_first_frame(mini_davis, tmp_path, monkeypatch):
     """STM from scratch on the mini training sequences (the mini preset, 15 epochs, about 2
     minutes), then the val J&F of STM and of the first-frame copy, computed in this test.
-    Measured: STM_MEASURED."""
+    Measured: STM J&F-Mean 0.375 against 0.162 (4 val sequences, 7 objects)."""
     import json
     from pathlib import Path
 
