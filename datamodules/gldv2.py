@@ -184,8 +184,9 @@ def read_training_list(path: Path) -> list[tuple[str, int]]:
 
 class GLDv2DataModule(RetrievalDataModule):
     """Google Landmarks v2 (module docstring). ``train_file``: ``train_clean.csv`` (GLDv2-clean) or
-    ``train.csv``; ``class_fraction`` < 1 trains on the first fraction of the landmarks by id (the
-    old model of a compatibility experiment, RACT's split by class); ``queries``: ``solution``
+    ``train.csv``; ``class_fraction`` < 1 trains on the first fraction of the landmarks by id and
+    ``image_fraction`` < 1 on the first fraction of each landmark's images (the old model of a
+    compatibility experiment: RACT's split by class and split by data); ``queries``: ``solution``
     (the Public and Private queries, enough for the metric) or ``all`` (every ``test.csv`` image,
     for a complete Kaggle file). ``image_size`` 224 and the crop area are RACT's."""
 
@@ -196,6 +197,7 @@ class GLDv2DataModule(RetrievalDataModule):
         root: str,
         train_file: Literal["train_clean.csv", "train.csv"] = "train_clean.csv",
         class_fraction: float = 1.0,
+        image_fraction: float = 1.0,
         skip_missing: bool = False,
         queries: Literal["solution", "all"] = "solution",
         recognition: bool = False,
@@ -207,11 +209,13 @@ class GLDv2DataModule(RetrievalDataModule):
     ) -> None:
         super().__init__(root, image_size, batch_size, num_workers, skip_corrupt)
         self.save_hyperparameters()
-        if not 0.0 < class_fraction <= 1.0:
-            raise ValueError(f"data.class_fraction must be in (0, 1]; got {class_fraction}")
+        for name, fraction in (("class_fraction", class_fraction), ("image_fraction", image_fraction)):
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"data.{name} must be in (0, 1]; got {fraction}")
         if queries not in ("solution", "all"):
             raise ValueError(f"data.queries must be 'solution' or 'all'; got {queries!r}")
         self.train_file, self.class_fraction, self.skip_missing = train_file, class_fraction, skip_missing
+        self.image_fraction = image_fraction
         self.queries, self.crop_scale, self.recognition = queries, tuple(crop_scale), recognition
         self.train_dataset: Optional[LandmarkTrainingImages] = None
         self.num_missing = 0
@@ -219,7 +223,9 @@ class GLDv2DataModule(RetrievalDataModule):
     @property
     def run_name(self) -> str:
         name = Path(self.train_file).stem
-        return name if self.class_fraction == 1.0 else f"{name}_{self.class_fraction:g}"
+        if self.class_fraction < 1.0:
+            name += f"_{self.class_fraction:g}"
+        return name if self.image_fraction == 1.0 else f"{name}_images{self.image_fraction:g}"
 
     def _check_layout(self, files: Sequence[str]) -> None:
         missing = [f"{name}: {self.root / name}" for name in files if not (self.root / name).is_file()]
@@ -235,6 +241,12 @@ class GLDv2DataModule(RetrievalDataModule):
             landmarks = sorted({landmark for _, landmark in samples})
             kept = set(landmarks[: max(1, round(self.class_fraction * len(landmarks)))])
             samples = [(i, landmark) for i, landmark in samples if landmark in kept]
+        if self.image_fraction < 1.0:
+            per_landmark: dict[int, list[str]] = {}
+            for identifier, landmark in samples:
+                per_landmark.setdefault(landmark, []).append(identifier)
+            kept_images = {i for ids in per_landmark.values() for i in ids[: max(1, round(self.image_fraction * len(ids)))]}
+            samples = [(i, landmark) for i, landmark in samples if i in kept_images]
         return samples
 
     @cached_property
@@ -257,7 +269,7 @@ class GLDv2DataModule(RetrievalDataModule):
                              "map has other landmark ids; resume with the training list it was trained on")
 
     def describe(self) -> dict[str, Any]:
-        return {"root": str(self.root.resolve()), "train_file": self.train_file, "class_fraction": self.class_fraction,
+        return {"root": str(self.root.resolve()), "train_file": self.train_file, "class_fraction": self.class_fraction, "image_fraction": self.image_fraction,
                 "num_classes": self.num_classes, "missing_training_images": self.num_missing,
                 "queries": self.queries, "recognition": self.recognition, "split": "retrieval_solution_v2.1"}
 
