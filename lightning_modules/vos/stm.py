@@ -86,6 +86,8 @@ class STM(SequenceEvaluatedModule):
         label maps [B, F, H, W] (objects 1..n_b, 255 void): frame 0 memorised with its ground truth,
         each later frame with the soft prediction of the previous step."""
         pairs = [(b, k) for b in range(len(frames)) for k in range(1, int(num_objects[b]) + 1)]
+        if not pairs:  # no crop of the batch kept an object: a zero loss that still reaches every parameter (DDP)
+            return sum(parameter.sum() for parameter in self.parameters()) * 0.0
         sample = torch.tensor([b for b, _ in pairs], device=frames.device)
         own = torch.stack([(masks[b, 0] == k).float() for b, k in pairs])
         others = torch.stack([((masks[b, 0] > 0) & (masks[b, 0] != VOID) & (masks[b, 0] != k)).float() for b, k in pairs])

@@ -72,6 +72,8 @@ def test_clip_loss_trains_both_encoders_with_batchnorm_frozen():
     for encoder in (model.network.memory_encoder, model.network.query_encoder):
         assert sum(p.grad.abs().sum() for p in encoder.layer3.parameters() if p.grad is not None) > 0
     assert model.network.memory_encoder.conv_other.weight.grad.abs().sum() > 0  # the other-objects channel is used
+    empty = model.clip_loss(frames, torch.zeros_like(masks), torch.tensor([0, 0]))  # crops that kept no object
+    assert empty.item() == 0.0 and empty.requires_grad
 
 
 @pytest.mark.slow
