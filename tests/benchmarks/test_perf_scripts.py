@@ -31,3 +31,15 @@ def test_retrieval_perf_script(tmp_path, capsys):
     assert [r["index"] for r in results["search"]] == ["flat", "ivf"]
     assert results["search"][0]["recall@100_of_flat"] == 1.0 and 0 < results["search"][1]["recall@100_of_flat"] <= 1
     assert "| 2000 | 16 | ivf |" in capsys.readouterr().out
+
+
+def test_vos_inference_perf_script(tmp_path, capsys):
+    from benchmarks.perf import vos_inference
+
+    out = tmp_path / "vos.json"
+    vos_inference.main(["--backbone", "test_resnet", "--height", "32", "--width", "48", "--lengths", "3",
+                        "--memory-every", "5", "1", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["frames"], r["memory_every"]) for r in rows] == [(3, 5), (3, 1)]
+    assert all(r["frames_per_s"] > 0 for r in rows)
+    assert "| 3 | 1 |" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -38,3 +39,20 @@ def test_first_frame_copy_scores_as_the_offline_scorer_of_its_result_folder(year
     assert frames == [f"{t:05d}.png" for t in range(10)]
     with Image.open(run / "davis_results/val-00/00003.png") as image:
         assert image.mode == "P"
+    # Pictures: 3 panels of frames 0, mid and last, and a GIF of every frame, per sequence.
+    assert sorted(p.name for p in (run / "mask_overlays/val-00").glob("*.png")) == ["00000.png", "00004.png", "00009.png"]
+    with Image.open(run / "mask_overlays/val-00/val-00.gif") as gif:
+        assert gif.n_frames == 10 and gif.size == (80, 48)
+    with Image.open(run / "mask_overlays/val-00/00004.png") as panel:
+        assert panel.size[0] == 3 * 80  # frame | prediction | ground truth
+
+
+def test_mask_overlay_colours_objects_and_leaves_the_background():
+    from callbacks.mask_overlays import PALETTE, mask_overlay
+
+    frame = np.full((2, 2, 3), 100, np.uint8)
+    labels = np.array([[0, 1], [2, 255]], np.uint8)
+    overlay = mask_overlay(frame, labels, alpha=0.5)
+    assert (overlay[0, 0] == 100).all()
+    np.testing.assert_array_equal(overlay[0, 1], ((100 + PALETTE[1].astype(float)) / 2).astype(np.uint8))
+    np.testing.assert_array_equal(overlay[1, 1], [177, 177, 177])  # void drawn in white
