@@ -69,7 +69,7 @@ class SequenceEvaluatedModule(EvaluatedModule):
         self._rows.append((batch.index, self._metric.sequence_rows(batch.name, batch.annotations, prediction)))
         self._sequences_done += 1
         rank_zero_info(f"{stage} sequence {batch.name}: {len(batch.frames)} frames at {len(batch.frames) / seconds:.1f} "
-                       f"frames/s ({self._sequences_done} done on rank 0)")
+                       f"frames/s ({self._sequences_done} sequences done by this rank)")
         return {"name": batch.name, "frame_names": batch.frame_names, "prediction": prediction,
                 "result": self._metric.result_labels(prediction)}
 

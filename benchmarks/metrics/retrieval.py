@@ -386,28 +386,27 @@ class GLDv2Protocol(RetrievalProtocol):
     def score_queries(self, neighbours: np.ndarray, query_items: np.ndarray, gallery_items: np.ndarray) -> QueryScores:
         ids = [self.query_ids[i] for i in query_items]
         self.rankings = {query: self.index_ids[gallery_items[row[row >= 0]]].tolist() for query, row in zip(ids, neighbours)}
+        # Rows: the evaluated queries, then the solution's queries that no rank evaluated (a corrupt
+        # image skipped), which score 0 as in the official code (no predictions).
+        evaluated = set(ids)
+        rows = ids + [q for split in SPLITS for q in self.solution[split] if q not in evaluated]
+        position = {query: i for i, query in enumerate(rows)}
         values: dict[str, np.ndarray] = {}
-        hit = np.zeros(len(ids), bool)
-        position = {query: i for i, query in enumerate(ids)}
+        hit = np.zeros(len(rows), bool)
         for split in SPLITS:
             queries = self.solution[split]
-            ap = np.full(len(ids), math.nan)
-            precision = {k: np.full(len(ids), math.nan) for k in self.precision_ks}
-            # A solution query that no rank evaluated (a corrupt image skipped) scores 0, as the official code.
-            absent = [q for q in queries if q not in position]
-            for query, value in average_precisions({q: self.rankings[q] for q in queries if q in position}, queries,
-                                                   self.max_predictions).items():
-                if query in position:
-                    ap[position[query]] = value
-                    relevant = set(queries[query])
-                    ranking = self.rankings[query]
-                    hit[position[query]] = bool(ranking) and ranking[0] in relevant
-                    for k in self.precision_ks:
-                        precision[k][position[query]] = len(set(ranking[:k]) & relevant) / k
-            values[f"mAP@{self.max_predictions}_{split}"] = np.concatenate([ap, np.zeros(len(absent))])
+            predicted = {q: self.rankings[q] for q in queries if q in evaluated}
+            ap = np.full(len(rows), math.nan)
+            precision = {k: np.full(len(rows), math.nan) for k in self.precision_ks}
+            for query, value in average_precisions(predicted, queries, self.max_predictions).items():
+                row, relevant, ranking = position[query], set(queries[query]), predicted.get(query, [])
+                ap[row] = value
+                hit[row] = bool(ranking) and ranking[0] in relevant
+                for k in self.precision_ks:
+                    precision[k][row] = len(set(ranking[:k]) & relevant) / k
+            values[f"mAP@{self.max_predictions}_{split}"] = ap
             for k in self.precision_ks:
-                values[f"mP@{k}_{split}"] = np.concatenate([precision[k], np.zeros(len(absent))])
-        # Per query the values are over len(ids) + absent rows; hit is for the evaluated ones.
+                values[f"mP@{k}_{split}"] = precision[k]
         return QueryScores(values, hit, f"mAP@{self.max_predictions}_private")
 
     def combine(self, scores: QueryScores) -> dict[str, float]:
@@ -517,7 +516,7 @@ class CompatibilityMetric(RetrievalMetric):
         if self.options.flip_predicate == "top1":
             flips = old.hit & ~upgraded.hit
         else:
-            before, after = old.values[old.primary][: len(old.hit)], upgraded.values[old.primary][: len(old.hit)]
+            before, after = old.values[old.primary], upgraded.values[old.primary]
             flips = np.nan_to_num(after, nan=0.0) < np.nan_to_num(before, nan=0.0)
         results["negative_flip_rate"] = float(flips.mean())
         return results

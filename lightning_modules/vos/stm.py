@@ -19,10 +19,14 @@ soft prediction written to memory, frame 2 segmented from {0, 1}; L = CE_1 + CE_
 BatchNorm frozen (eval mode; its affine weights train), the temporal skip growing over training
 (the DataModule's), 384 crops. Void pixels (255) are left out of the loss.
 
-Deviations from the authors' code: the memory encoder's mask convolutions take soft masks in
-training as in the 3P code; the clips' objects are capped at ``max_objects`` of the DataModule
-(3) where the 3P code caps DAVIS at 3 as well but YouTube-VOS differently; the static-image stage 1
-and YouTube-VOS are not wired in yet.
+Deviations from the authors' code:
+
+- A training clip keeps at most ``max_objects`` (3) objects of its first frame (the
+  DataModule's ``DAVISClips``); the others are background.
+- The training stages are the DAVIS stage only: the static-image stage 1 and YouTube-VOS are not
+  wired in yet.
+- The temporal skip grows per epoch (``skip_every_epochs``), where the 3P code grows it every
+  3000 iterations.
 """
 
 from __future__ import annotations
