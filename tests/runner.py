@@ -60,3 +60,23 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     different = [name for name in a if not torch.equal(a[name], b[name])]
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def mini_davis_scores(method_config: str, root: Path, cwd: Path, epochs: int) -> tuple[dict, dict]:
+    """J&F metrics (``results.json``) of ``configs/davis/<method_config>.yaml`` trained for
+    ``epochs`` on the mini DAVIS at ``root`` with the mini preset, and of the first-frame copy on
+    the same val set, both through the CLI in this process, run directories under ``cwd``."""
+    import json
+
+    from conftest import CONFIGS
+    from lightning_modules.cli import VisionZooCLI
+
+    os.chdir(cwd)
+    args = ["--config", str(CONFIGS / f"davis/{method_config}.yaml"), "--config", str(CONFIGS / "davis/mini.yaml"),
+            "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(root)]
+    VisionZooCLI(args=["fit", *args, "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0"])
+    VisionZooCLI(args=["test", *args, "--ckpt_path", "last"])
+    VisionZooCLI(args=["test", *args, "--model", "lightning_modules.vos.baselines.FirstFrameCopy"])
+    method = json.loads((cwd / f"runs/davis/{method_config}/2017_val/results.json").read_text())
+    copy = json.loads((cwd / "runs/davis/first_frame_copy/2017_val/results.json").read_text())
+    return method["metrics"], copy["metrics"]

@@ -9,6 +9,8 @@ Memory Networks", ICCV 2019; seoungwugoh/STM ``model.py``; method card 1).
   read values Σ p v_M concatenated with the query's values.
 - :class:`Decoder`: res4 read → 256 channels, refined with res3 and res2, 2-class logits at 1/4,
   upsampled ×4.
+- :class:`FrameMemory`: one memorised frame (keys, values, the objects' masks at res4), the
+  memory a list of them: frame 0 first, frame t−1 last (LCM reads those two on their own).
 - :func:`soft_aggregation`: per-object foreground probabilities → logits over {background,
   objects} (background = Π(1 - p_o), clamped, log-odds).
 """
@@ -16,6 +18,9 @@ Memory Networks", ICCV 2019; seoungwugoh/STM ``model.py``; method card 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,35 +135,62 @@ class MemoryEncoder(_ResNetToRes4):
         return self.layers(stem)[0]
 
 
+@dataclass
+class FrameMemory:
+    """One memorised frame of N objects (batch entries): ``keys`` [N, Dk, 1, h, w], ``values``
+    [N, Dv, 1, h, w], the objects' soft ``masks`` at res4 [N, 1, h, w] (area-averaged), and
+    ``position_keys`` [N, Dp, h, w] where the network has position guidance (LCM), else None."""
+
+    keys: Tensor
+    values: Tensor
+    masks: Tensor
+    position_keys: Optional[Tensor] = None
+
+
 class SpaceTimeMemory(nn.Module):
-    """STM's network: ``memorize`` a frame with an object's mask into keys/values, ``segment`` a
-    frame from a memory into the object's foreground probability. Objects are batch entries."""
+    """STM's network: ``memorize`` a frame with an object's mask into a :class:`FrameMemory`,
+    ``segment`` a frame from a memory (frame 0 first, the previous frame last) into the object's
+    foreground probability. Objects are batch entries. Subclasses add inputs to the decoder
+    through :meth:`guidance` (LCM)."""
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool = True, weights: str | None = None,
-                 key_dim: int = 128, value_dim: int = 512, decoder_dim: int = 256) -> None:
+                 key_dim: int = 128, value_dim: int = 512, decoder_dim: int = 256, guidance_channels: int = 0) -> None:
         super().__init__()
         self.memory_encoder = MemoryEncoder(backbone, pretrained, weights)
         self.query_encoder = QueryEncoder(backbone, pretrained, weights)
         r2, r3, r4 = self.query_encoder.channels
         self.memory_key_value = KeyValue(r4, key_dim, value_dim)
         self.query_key_value = KeyValue(r4, key_dim, value_dim)
-        self.decoder = Decoder(2 * value_dim, r3, r2, decoder_dim)
+        self.decoder = Decoder(2 * value_dim + guidance_channels, r3, r2, decoder_dim)
 
-    def memorize(self, frames: Tensor, masks: Tensor, others: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys [N, Dk, 1, h, w] and values [N, Dv, 1, h, w] of frames [N, 3, H, W] with the object's
-        (soft) mask [N, H, W] and the other objects' [N, H, W]."""
-        keys, values = self.memory_key_value(self.memory_encoder(frames, masks, others))
-        return keys[:, :, None], values[:, :, None]
+    def memorize(self, frames: Tensor, masks: Tensor, others: Tensor) -> FrameMemory:
+        """The memory of frames [N, 3, H, W] with each object's (soft) mask [N, H, W] and the other
+        objects' [N, H, W]."""
+        r4 = self.memory_encoder(frames, masks, others)
+        keys, values = self.memory_key_value(r4)
+        small_masks = F.adaptive_avg_pool2d(masks[:, None], r4.shape[-2:])
+        return FrameMemory(keys[:, :, None], values[:, :, None], small_masks, self.position_keys(r4))
 
-    def segment(self, frames: Tensor, memory_keys: Tensor, memory_values: Tensor) -> Tensor:
+    def position_keys(self, memory_r4: Tensor) -> Optional[Tensor]:
+        """A memorised frame's keys for :meth:`guidance` (none in STM)."""
+        return None
+
+    def guidance(self, query_r4: Tensor, query_keys: Tensor, query_values: Tensor,
+                 memory: Sequence[FrameMemory]) -> list[Tensor]:
+        """Maps [N, C, h, w] concatenated to the memory read before the decoder (none in STM)."""
+        return []
+
+    def segment(self, frames: Tensor, memory: Sequence[FrameMemory]) -> Tensor:
         """Foreground probability [N, H, W] of each object's frame [N, 3, H, W] read from its
-        memory [N, D, T, h, w]. Frames of objects of one frame may be given once ([1, 3, H, W])."""
+        memory. Frames of objects of one frame may be given once ([1, 3, H, W])."""
         r4, r3, r2 = self.query_encoder(frames)
         query_keys, query_values = self.query_key_value(r4)
-        n = memory_keys.shape[0]
+        n = memory[0].keys.shape[0]
         if frames.shape[0] != n:  # one frame, several objects
-            query_keys, query_values, r3, r2 = (x.expand(n, *x.shape[1:]) for x in (query_keys, query_values, r3, r2))
-        logits = self.decoder(memory_read(memory_keys, memory_values, query_keys, query_values), r3, r2)
+            r4, r3, r2, query_keys, query_values = (x.expand(n, *x.shape[1:]) for x in (r4, r3, r2, query_keys, query_values))
+        keys, values = torch.cat([m.keys for m in memory], dim=2), torch.cat([m.values for m in memory], dim=2)
+        read = memory_read(keys, values, query_keys, query_values)
+        logits = self.decoder(torch.cat([read, *self.guidance(r4, query_keys, query_values, memory)], dim=1), r3, r2)
         return logits.softmax(dim=1)[:, 1]
 
 

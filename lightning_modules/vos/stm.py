@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.nn.stm import SpaceTimeMemory, pad_to_stride, soft_aggregation, unpad
+from lightning_modules.nn.stm import FrameMemory, SpaceTimeMemory, pad_to_stride, soft_aggregation, unpad
 from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.sequence_evaluation import SequenceEvaluatedModule
 
@@ -77,11 +77,15 @@ class STM(SequenceEvaluatedModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.network = SpaceTimeMemory(backbone, pretrained, weights, key_dim, value_dim, decoder_dim)
+        self.network = self.build_network()
         if freeze_batchnorm:  # eval mode always (VisionZooModule.train keeps frozen modules in eval)
             for module in self.network.modules():
                 if isinstance(module, nn.BatchNorm2d):
                     module.frozen = True
+
+    def build_network(self) -> SpaceTimeMemory:
+        h = self.hparams
+        return SpaceTimeMemory(h.backbone, h.pretrained, h.weights, h.key_dim, h.value_dim, h.decoder_dim)
 
     # ------------------------------------------------------------------------------- training
 
@@ -95,10 +99,10 @@ class STM(SequenceEvaluatedModule):
         sample = torch.tensor([b for b, _ in pairs], device=frames.device)
         own = torch.stack([(masks[b, 0] == k).float() for b, k in pairs])
         others = torch.stack([((masks[b, 0] > 0) & (masks[b, 0] != VOID) & (masks[b, 0] != k)).float() for b, k in pairs])
-        keys, values = self.network.memorize(frames[sample, 0], own, others)
+        memory = [self.network.memorize(frames[sample, 0], own, others)]
         loss = frames.new_zeros(())
         for t in range(1, frames.shape[1]):
-            probabilities = self.network.segment(frames[sample, t], keys, values)
+            probabilities = self.network.segment(frames[sample, t], memory)
             soft = []
             for b in range(len(frames)):
                 rows = (sample == b).nonzero().squeeze(1)
@@ -110,8 +114,7 @@ class STM(SequenceEvaluatedModule):
             if t + 1 < frames.shape[1]:
                 own = torch.cat(soft)
                 others = torch.cat([part.sum(0, keepdim=True) - part for part in soft])
-                new_keys, new_values = self.network.memorize(frames[sample, t], own, others)
-                keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+                memory.append(self.network.memorize(frames[sample, t], own, others))
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -132,7 +135,7 @@ class STM(SequenceEvaluatedModule):
             state["memory"][0] = self._memorize(item, 0, own, others)
         return state
 
-    def _memorize(self, item: Any, t: int, own: Tensor, others: Tensor) -> tuple[Tensor, Tensor]:
+    def _memorize(self, item: Any, t: int, own: Tensor, others: Tensor) -> FrameMemory:
         frame, _ = pad_to_stride(item.frame_tensor(t).to(self.device)[None])
         return self.network.memorize(frame.expand(len(own), -1, -1, -1), pad_to_stride(own)[0], pad_to_stride(others)[0])
 
@@ -141,10 +144,9 @@ class STM(SequenceEvaluatedModule):
         item, num_objects = state["item"], state["num_objects"]
         if num_objects == 0:
             return torch.zeros(item.frames.shape[1:3], dtype=torch.uint8).numpy()
-        memory = [state["memory"][k] for k in memory_frames(t, self.hparams.memory_every)]
-        keys, values = torch.cat([k for k, _ in memory], dim=2), torch.cat([v for _, v in memory], dim=2)
+        memory = [state["memory"][k] for k in memory_frames(t, self.hparams.memory_every)]  # frame 0 first, t − 1 last
         padded, padding = pad_to_stride(item.frame_tensor(t).to(self.device)[None])
-        logits = unpad(soft_aggregation(self.network.segment(padded, keys, values)), padding)
+        logits = unpad(soft_aggregation(self.network.segment(padded, memory)), padding)
         soft = logits.softmax(dim=0)[1:]
         # Frame t is memorised for the next step (kept from then on when t % memory_every == 0).
         state["memory"] = {k: v for k, v in state["memory"].items() if k % self.hparams.memory_every == 0}

@@ -40,6 +40,7 @@ def test_vos_inference_perf_script(tmp_path, capsys):
     vos_inference.main(["--backbone", "test_resnet", "--height", "32", "--width", "48", "--lengths", "3",
                         "--memory-every", "5", "1", "--device", "cpu", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["frames"], r["memory_every"]) for r in rows] == [(3, 5), (3, 1)]
+    assert [(r["method"], r["frames"], r["memory_every"]) for r in rows] == [
+        ("stm", 3, 5), ("stm", 3, 1), ("lcm", 3, 5), ("lcm", 3, 1)]
     assert all(r["frames_per_s"] > 0 for r in rows)
-    assert "| 3 | 1 |" in capsys.readouterr().out
+    assert "| lcm | 3 | 1 |" in capsys.readouterr().out
