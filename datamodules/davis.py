@@ -30,47 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import albumentations as A
-import cv2
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from benchmarks.metrics.davis import JAndF, Task, read_label_map
+from benchmarks.metrics.davis import JAndF, Task, read_annotation, sequence_names, split_file
 from datamodules.base import EvalSet, VisionZooDataModule
 from datamodules.formats.images import read_image
 from datamodules.layout import layout_error
-from datamodules.clips import as_clip, to_model_input
-from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader, split_epoch_index
+from datamodules.resumable import eval_loader, loader_options, resumable_train_loader
+from datamodules.vos_clips import ClipSource, SequenceRecord, VOSClips, frame_step, frame_tensor, scan_image_masks, scan_youtube_vos
 
 FRAME_NAME = re.compile(r"^\d{5}$")
-
-
-@dataclass(frozen=True)
-class SequenceRecord:
-    """A sequence on disk: its frame and annotation files, in frame order."""
-
-    name: str
-    frames: tuple[Path, ...]
-    annotations: tuple[Path, ...]
-
-    @property
-    def frame_names(self) -> list[str]:
-        return [path.stem for path in self.frames]
-
-
-def sequence_names(split_file: Path) -> list[str]:
-    """Sequence names of a split file: one per line (2017), or frame path pairs (2016's 480p lists)."""
-    names: list[str] = []
-    for line in split_file.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        name = Path(line.split()[0]).parent.name if "/" in line else line
-        if name not in names:
-            names.append(name)
-    return names
 
 
 def scan_sequence(root: Path, name: str, resolution: str, annotations: str) -> SequenceRecord:
@@ -130,7 +101,7 @@ class DAVISSequences(Dataset):
     def __getitem__(self, i: int) -> SequenceItem:
         record = self.records[i]
         frames = np.stack([read_image(path) for path in record.frames])
-        annotations = np.stack([read_label_map(path) for path in record.annotations])
+        annotations = np.stack([read_annotation(path) for path in record.annotations])
         if annotations.shape != frames.shape[:3]:
             raise ValueError(f"{record.annotations[0]}: annotations of {record.name} are {annotations.shape[1:]}, its frames "
                              f"{frames.shape[1:3]}; evaluate at the annotations' resolution")
@@ -138,77 +109,6 @@ class DAVISSequences(Dataset):
             annotations = np.where(annotations == 255, 255, (annotations > 0).astype(np.uint8))
         first = np.where(annotations[0] == 255, 0, annotations[0]) if self.task == "semi-supervised" else None
         return SequenceItem(record.name, frames, annotations, record.frame_names, first)
-
-
-def frame_tensor(frame: np.ndarray) -> Tensor:
-    """An RGB uint8 frame [H, W, 3] as the ImageNet-normalised float tensor [3, H, W]."""
-    return to_model_input(as_clip(frame[None]))[:, 0]
-
-
-def clip_frames(length: int, num_frames: int, skip: int, generator: torch.Generator) -> list[int]:
-    """Increasing frame indices of a training clip (STM's training code): the first anywhere
-    before the last ``num_frames - 1`` frames, each next one 1 to ``skip + 1`` frames after the
-    previous, as far as the sequence allows."""
-    if length < num_frames:
-        raise ValueError(f"a training clip of {num_frames} frames needs a sequence of as many; got {length}")
-    first = int(torch.randint(length - num_frames + 1, (), generator=generator))
-    frames = [first]
-    for remaining in range(num_frames - 1, 0, -1):
-        low = frames[-1] + 1
-        high = min(length - remaining, frames[-1] + 1 + skip)  # room for the frames still to come
-        frames.append(low + int(torch.randint(high - low + 1, (), generator=generator)))
-    return frames
-
-
-class DAVISClips(AugmentationRNG, Dataset):
-    """Training clips: ``num_frames`` frames of one sequence (:func:`clip_frames`, the skip
-    ``min(max_skip, epoch // skip_every_epochs)``, the epoch carried by the index), one joint
-    augmentation of all frames and masks (albumentations: affine, pad and random crop to
-    ``crop_size``, flip), the objects of the first frame relabelled 1..n (at most
-    ``max_objects``, the others background), void 255 kept. Items: ``frames`` [F, 3, S, S]
-    normalised, ``masks`` [F, S, S] int64, ``num_objects``. A crop without an object in its first
-    frame is drawn again (up to 20 times)."""
-
-    def __init__(self, records: Sequence[SequenceRecord], num_frames: int, crop_size: int, max_skip: int,
-                 skip_every_epochs: int, max_objects: int, clips_per_sequence: int) -> None:
-        self.records, self.num_frames, self.crop_size = list(records), num_frames, crop_size
-        self.max_skip, self.skip_every_epochs, self.max_objects = max_skip, skip_every_epochs, max_objects
-        self.clips_per_sequence = clips_per_sequence
-        targets = {f"image{i}": "image" for i in range(1, num_frames)} | {f"mask{i}": "mask" for i in range(1, num_frames)}
-        self.transform = A.Compose([
-            A.Affine(scale=(0.9, 1.1), rotate=(-10, 10), shear=(-5, 5), fill=0, fill_mask=0, p=1.0),
-            A.PadIfNeeded(crop_size, crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-            A.RandomCrop(crop_size, crop_size),
-            A.HorizontalFlip(),
-        ], additional_targets=targets)
-
-    def __len__(self) -> int:
-        return len(self.records) * self.clips_per_sequence
-
-    def skip(self, epoch: int) -> int:
-        return min(self.max_skip, epoch // self.skip_every_epochs)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        epoch, index = split_epoch_index(index, len(self))
-        record = self.records[index % len(self.records)]
-        chosen = clip_frames(len(record.frames), self.num_frames, self.skip(epoch), self.generator)
-        images = [read_image(record.frames[t]) for t in chosen]
-        labels = [read_label_map(record.annotations[t]) for t in chosen]
-        for _ in range(20):
-            self.transform.set_random_seed(self.draw_seed())
-            out = self.transform(image=images[0], mask=labels[0],
-                                 **{f"image{i}": images[i] for i in range(1, self.num_frames)},
-                                 **{f"mask{i}": labels[i] for i in range(1, self.num_frames)})
-            masks = np.stack([out["mask"]] + [out[f"mask{i}"] for i in range(1, self.num_frames)])
-            objects = [k for k in np.unique(masks[0]) if 0 < k < 255][: self.max_objects]
-            if objects:
-                break
-        relabelled = np.where(masks == 255, 255, 0).astype(np.int64)
-        for new, old in enumerate(objects, start=1):
-            relabelled[masks == old] = new
-        frames = [out["image"]] + [out[f"image{i}"] for i in range(1, self.num_frames)]
-        return {"frames": torch.stack([frame_tensor(f) for f in frames]), "masks": torch.from_numpy(relabelled),
-                "num_objects": len(objects)}
 
 
 class SequenceShards(DistributedSampler):
@@ -251,11 +151,22 @@ class _IndexedSequences(EvalSet):
 
 class DAVISDataModule(VisionZooDataModule):
     """DAVIS (module docstring): ``year`` 2017 or 2016, ``split`` (val), ``resolution`` (480p or
-    Full-Resolution), ``task`` (semi-supervised or unsupervised). Training
-    (:class:`DAVISClips`) on ``train_split``: clips of ``num_frames`` (3) frames, crops of
-    ``crop_size`` (384), the temporal skip growing by one every ``skip_every_epochs`` epochs up to
-    ``max_skip`` (25; STM's training code grows it every 3000 iterations), ``clips_per_sequence``
-    clips of every sequence an epoch, ``batch_size`` clips a rank."""
+    Full-Resolution), ``task`` (semi-supervised or unsupervised).
+
+    Training clips (:class:`~datamodules.vos_clips.VOSClips`) of ``num_frames`` (3) frames,
+    crops of ``crop_size`` (384), the temporal skip growing by one every ``skip_every_epochs``
+    epochs up to ``max_skip`` (25; STM's training code grows it every 3000 iterations),
+    ``batch_size`` clips a rank, from the ``train_sources``:
+
+    - ``davis``: ``clips_per_sequence`` clips of every sequence of ``train_split`` an epoch;
+    - ``youtube_vos``: ``youtube_vos_clips_per_video`` of every video of ``youtube_vos_split``
+      under ``youtube_vos_root`` (its own layout);
+    - ``static_images``: ``static_clips_per_image`` deformation clips of every image under
+      ``static_images_root`` (``images/`` + ``masks/``; STM's stage 1), corners moved by up to
+      ``static_deformation`` of the image size.
+
+    STM's third-party code draws DAVIS with probability 0.08 beside YouTube-VOS: the clip counts
+    set the mix."""
 
     benchmark = "davis"
 
@@ -273,6 +184,13 @@ class DAVISDataModule(VisionZooDataModule):
         skip_every_epochs: int = 1,
         max_objects: int = 3,
         clips_per_sequence: int = 1,
+        train_sources: list[Literal["davis", "youtube_vos", "static_images"]] = ["davis"],
+        youtube_vos_root: Optional[str] = None,
+        youtube_vos_split: str = "train",
+        youtube_vos_clips_per_video: int = 1,
+        static_images_root: Optional[str] = None,
+        static_clips_per_image: int = 1,
+        static_deformation: float = 0.1,
         batch_size: int = 4,
         num_workers: int = 2,
     ) -> None:
@@ -280,7 +198,13 @@ class DAVISDataModule(VisionZooDataModule):
         self.save_hyperparameters()
         self.train_split, self.batch_size = train_split, batch_size
         self.clips = dict(num_frames=num_frames, crop_size=crop_size, max_skip=max_skip, skip_every_epochs=skip_every_epochs,
-                          max_objects=max_objects, clips_per_sequence=clips_per_sequence)
+                          max_objects=max_objects, static_deformation=static_deformation)
+        unknown = sorted(set(train_sources) - {"davis", "youtube_vos", "static_images"})
+        if unknown or not train_sources:
+            raise ValueError(f"data.train_sources must be a non-empty list of davis, youtube_vos, static_images; got {train_sources}")
+        for source, source_root in (("youtube_vos", youtube_vos_root), ("static_images", static_images_root)):
+            if source in train_sources and not source_root:
+                raise ValueError(f"data.train_sources has {source}: give its folder as data.{source}_root")
         if year not in (2016, 2017):
             raise ValueError(f"data.year must be 2016 or 2017; got {year}")
         if task not in ("semi-supervised", "unsupervised"):
@@ -288,11 +212,15 @@ class DAVISDataModule(VisionZooDataModule):
         self.root, self.year, self.split, self.resolution, self.task = Path(root), year, split, resolution, task
         self.num_workers = num_workers
         self.sequences: Optional[DAVISSequences] = None
-        self.train_clips: Optional[DAVISClips] = None
+        self.train_clips: Optional[VOSClips] = None
 
     @property
     def run_name(self) -> str:
-        return f"{self.year}_{self.split}" + ("_unsupervised" if self.task == "unsupervised" else "")
+        """``<year>_<split>``, ``_unsupervised``, and the training sources where they are not DAVIS
+        alone (``2017_val_static_images``: stage 1 does not overwrite stage 2's run)."""
+        sources = self.hparams.train_sources
+        return (f"{self.year}_{self.split}" + ("_unsupervised" if self.task == "unsupervised" else "")
+                + ("" if list(sources) == ["davis"] else "_" + "+".join(sources)))
 
     @property
     def num_skipped(self) -> int:
@@ -305,25 +233,36 @@ class DAVISDataModule(VisionZooDataModule):
     def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:
         return [self.split]
 
-    def _split_file(self, split: str) -> Path:
-        candidates = [self.root / "ImageSets" / str(self.year) / f"{split}.txt",
-                      self.root / "ImageSets" / self.resolution / f"{split}.txt"]
-        return next((path for path in candidates if path.is_file()), candidates[0])
-
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.sequences is None:
-            self.sequences = DAVISSequences(self._records(self.split), self.task, self.year)
+        """The training clips for ``fit``; the evaluation sequences for the other stages and for a
+        ``fit`` that validates (checked before the first step)."""
         if stage in ("fit", None) and self.train_clips is None:
-            self.train_clips = DAVISClips(self._records(self.train_split, "Annotations"), **self.clips)
+            self.train_clips = VOSClips(self._clip_sources(), **self.clips)
+        validates = stage != "fit" or self.trainer is None or self.trainer.limit_val_batches != 0
+        if validates and self.sequences is None:
+            self.sequences = DAVISSequences(self._records(self.split), self.task, self.year)
+
+    def _clip_sources(self) -> list[ClipSource]:
+        h = self.hparams
+        sources = []
+        if "davis" in h.train_sources:
+            sources.append(ClipSource("davis", tuple(self._records(self.train_split, "Annotations")), h.clips_per_sequence))
+        if "youtube_vos" in h.train_sources:
+            records = scan_youtube_vos(Path(h.youtube_vos_root), h.youtube_vos_split)
+            sources.append(ClipSource("youtube_vos", records, h.youtube_vos_clips_per_video, frame_step(records)))
+        if "static_images" in h.train_sources:
+            records = scan_image_masks(Path(h.static_images_root))
+            sources.append(ClipSource("static_images", records, h.static_clips_per_image, static=True))
+        return sources
 
     def _records(self, split: str, annotations: Optional[str] = None) -> list[SequenceRecord]:
         """The checked records of ``split`` (the task's annotations unless ``annotations``)."""
         annotations = annotations or ("Annotations_unsupervised" if self.task == "unsupervised" else "Annotations")
-        split_file = self._split_file(split)
-        required = [split_file, self.root / "JPEGImages" / self.resolution, self.root / annotations / self.resolution]
+        split_list = split_file(self.root, self.year, split, self.resolution)
+        required = [split_list, self.root / "JPEGImages" / self.resolution, self.root / annotations / self.resolution]
         missing = [str(path) for path in required if not path.exists()]
         if not missing:
-            names = sequence_names(split_file)
+            names = sequence_names(split_list)
             missing = [str(self.root / folder / self.resolution / name) for name in names
                        for folder in ("JPEGImages", annotations) if not (self.root / folder / self.resolution / name).is_dir()]
         if missing:

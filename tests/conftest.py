@@ -14,7 +14,7 @@ CONFIGS = REPO / "configs"
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory) -> Path:
     from datamodules.mini.adbench import write_adbench
-    from datamodules.mini.davis import write_davis
+    from datamodules.mini.davis import write_davis, write_image_masks, write_youtube_vos
     from datamodules.mini.landmarks import write_gldv2, write_revisited
     from datamodules.mini.ms1m import write_ms1m
     from datamodules.mini.mvtec import write_mvtec
@@ -28,6 +28,8 @@ def mini_data(tmp_path_factory) -> Path:
     write_gldv2(root / "gldv2", seed=0)
     write_revisited(root / "revisited", seed=0)
     write_davis(root / "davis", seed=0)
+    write_youtube_vos(root / "youtube_vos", seed=0)
+    write_image_masks(root / "vos_images", seed=0)
     return root
 
 

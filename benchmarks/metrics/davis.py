@@ -200,8 +200,20 @@ class JAndF(SequenceMetric):
 
 
 def read_label_map(path: Path) -> np.ndarray:
-    """A DAVIS annotation or result as a label map [H, W] uint8; an RGB PNG (a colour rendering
-    instead of an index image) is an error naming the file."""
+    """A DAVIS annotation or result as a label map [H, W] uint8, its values as stored; an RGB PNG
+    (a colour rendering instead of an index image) is an error naming the file."""
+    return _read_index_png(path)[0]
+
+
+def read_annotation(path: Path) -> np.ndarray:
+    """A ground-truth mask as labels [H, W] uint8 (0 background, 1..N objects, 255 void): an index
+    (palette) PNG as stored; a grayscale one is a binary mask, foreground ≥ 128 → 1 (the DAVIS 2016
+    package's 0/255 masks, whose 255 is the object, not void; saliency masks)."""
+    labels, mode = _read_index_png(path)
+    return labels if mode == "P" else (labels >= 128).astype(np.uint8)
+
+
+def _read_index_png(path: Path) -> tuple[np.ndarray, str]:
     from PIL import Image
 
     if not path.is_file():
@@ -210,7 +222,26 @@ def read_label_map(path: Path) -> np.ndarray:
         if image.mode not in ("P", "L", "1"):
             raise ValueError(f"{path}: a {image.mode} PNG; DAVIS masks are single-channel index images (mode P or L, "
                              "object ids 0..N, 255 void), not colour renderings")
-        return np.array(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8), image.mode
+
+
+def sequence_names(split_file: Path) -> list[str]:
+    """Sequence names of a split file: one per line (2017), or frame path pairs (2016's 480p lists)."""
+    names: list[str] = []
+    for line in split_file.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name = Path(line.split()[0]).parent.name if "/" in line else line
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def split_file(davis_root: Path, year: int, split: str, resolution: str = "480p") -> Path:
+    """``ImageSets/<year>/<split>.txt``, or the 2016 package's ``ImageSets/<resolution>/<split>.txt``."""
+    candidates = [davis_root / "ImageSets" / str(year) / f"{split}.txt", davis_root / "ImageSets" / resolution / f"{split}.txt"]
+    return next((path for path in candidates if path.is_file()), candidates[0])
 
 
 def davis_palette() -> list[int]:
@@ -244,16 +275,16 @@ def score_results_folder(davis_root: Path, results: Path, task: Task = "semi-sup
     """Per-object rows of every sequence of ``ImageSets/<year>/<split>.txt`` scored from
     ``results/<seq>/<frame>.png`` against the annotations."""
     annotations = davis_root / ("Annotations_unsupervised" if task == "unsupervised" else "Annotations") / resolution
-    split_file = davis_root / "ImageSets" / str(year) / f"{split}.txt"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: missing; expected the DAVIS split list (one sequence per line)")
+    names = split_file(davis_root, year, split, resolution)
+    if not names.is_file():
+        raise FileNotFoundError(f"{names}: missing; expected the DAVIS split list (one sequence per line)")
     rows = []
-    for sequence in [line.strip() for line in split_file.read_text().splitlines() if line.strip()]:
+    for sequence in sequence_names(names):
         frames = sorted(p.stem for p in (annotations / sequence).glob("*.png"))
         if not frames:
             raise FileNotFoundError(f"{annotations / sequence}: no annotations")
         scored = frames[1:-1] if task == "semi-supervised" else frames
-        gt = np.stack([read_label_map(annotations / sequence / f"{frame}.png") for frame in frames])
+        gt = np.stack([read_annotation(annotations / sequence / f"{frame}.png") for frame in frames])
         prediction = np.zeros_like(gt)
         for i, frame in enumerate(frames):
             if frame in scored:

@@ -1,5 +1,5 @@
 """Write a mini dataset in a benchmark's official layout:
-``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited,davis} OUT``."""
+``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited,davis,youtube_vos,vos_images} OUT``."""
 
 import argparse
 from collections.abc import Sequence
@@ -68,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_davis.add_argument("out", type=Path)
     parser_davis.add_argument("--seed", type=int, default=0)
     parser_davis.set_defaults(write=lambda args: davis.write_davis(args.out, seed=args.seed))
+
+    parser_youtube = benchmarks.add_parser("youtube_vos", help="mini YouTube-VOS train/ (annotated every 5th frame)")
+    parser_youtube.add_argument("out", type=Path)
+    parser_youtube.add_argument("--seed", type=int, default=0)
+    parser_youtube.set_defaults(write=lambda args: davis.write_youtube_vos(args.out, seed=args.seed))
+
+    parser_images = benchmarks.add_parser("vos_images", help="mini images/ + masks/ folder (STM's static-image stage)")
+    parser_images.add_argument("out", type=Path)
+    parser_images.add_argument("--seed", type=int, default=0)
+    parser_images.set_defaults(write=lambda args: davis.write_image_masks(args.out, seed=args.seed))
 
     args = parser.parse_args(argv)
     print(_summary(args.write(args)))

@@ -9,6 +9,10 @@ DAVIS palette, 0 background, 1..N objects by depth, a 255 void ring of one pixel
 object as DAVIS annotators mark uncertain borders), ``Annotations_unsupervised/480p`` (the same
 objects) and ``ImageSets/2016|2017/{train,val}.txt``. The frames are small (``height`` x
 ``width``), so that a CPU evaluates and trains in minutes.
+
+The same renderer writes the other training data of STM and LCM (``datamodules.vos_clips``):
+:func:`write_youtube_vos`, videos in YouTube-VOS's layout annotated every 5th frame (no void),
+and :func:`write_image_masks`, single frames as an ``images/`` + ``masks/`` folder (stage 1).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ def _object_pattern(rng: np.random.Generator, height: int, width: int) -> np.nda
     return np.where(pattern[..., None] == 1, a, b).astype(np.float32)
 
 
-def write_sequence(root: Path, name: str, rng: np.random.Generator, frames: int, height: int, width: int,
-                   objects: int) -> None:
+def render_sequence(rng: np.random.Generator, frames: int, height: int, width: int,
+                    objects: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(RGB frame uint8, labels 0..objects, void ring bool) of each frame of a new sequence."""
     background = _texture(rng, height, width)
     shapes = []
     for _ in range(objects):
@@ -49,6 +54,7 @@ def write_sequence(root: Path, name: str, rng: np.random.Generator, frames: int,
             "ellipse": rng.random() < 0.5,
             "pattern": _object_pattern(rng, height, width),
         })
+    rendered = []
     for t in range(frames):
         image = background.copy()
         labels = np.zeros((height, width), np.uint8)
@@ -66,13 +72,48 @@ def write_sequence(root: Path, name: str, rng: np.random.Generator, frames: int,
         for k in range(1, objects + 1):  # the border between two objects is uncertain too
             own = (labels == k).astype(np.uint8)
             ring |= (cv2.dilate(own, np.ones((3, 3), np.uint8)) & (labels > 0) & (labels != k)).astype(np.uint8)
-        annotation = np.where(ring == 1, VOID, labels).astype(np.uint8)
         noisy = (image + rng.normal(0, 3, image.shape)).clip(0, 255).astype(np.uint8)
-        path = root / "JPEGImages/480p" / name / f"{t:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), cv2.cvtColor(noisy, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        rendered.append((noisy, labels, ring.astype(bool)))
+    return rendered
+
+
+def _write_jpeg(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+
+def write_sequence(root: Path, name: str, rng: np.random.Generator, frames: int, height: int, width: int,
+                   objects: int) -> None:
+    for t, (image, labels, ring) in enumerate(render_sequence(rng, frames, height, width, objects)):
+        annotation = np.where(ring, VOID, labels).astype(np.uint8)
+        _write_jpeg(root / "JPEGImages/480p" / name / f"{t:05d}.jpg", image)
         for folder in ("Annotations", "Annotations_unsupervised"):
             write_label_map(root / folder / "480p" / name / f"{t:05d}.png", annotation)
+
+
+def write_youtube_vos(out: Path, seed: int = 0, videos: int = 4, annotated_frames: int = 6, height: int = 48,
+                      width: int = 80) -> Path:
+    """Mini YouTube-VOS ``train/`` under ``out``: JPEGImages and palette Annotations (no void) of
+    every 5th frame (00000, 00005, ...) of rendered videos; returns ``out``."""
+    rng = np.random.default_rng([seed, 5])
+    for v in range(videos):
+        rendered = render_sequence(rng, 5 * annotated_frames, height, width, objects=1 + v % 2)
+        for t in range(0, len(rendered), 5):
+            image, labels, _ = rendered[t]
+            _write_jpeg(out / "train/JPEGImages" / f"video{v:02d}" / f"{t:05d}.jpg", image)
+            write_label_map(out / "train/Annotations" / f"video{v:02d}" / f"{t:05d}.png", labels)
+    return out
+
+
+def write_image_masks(out: Path, seed: int = 0, images: int = 8, height: int = 48, width: int = 80) -> Path:
+    """Single rendered frames as ``images/<name>.jpg`` and index ``masks/<name>.png`` (void
+    rings kept), the static-image training folder; returns ``out``."""
+    rng = np.random.default_rng([seed, 7])
+    for i in range(images):
+        image, labels, ring = render_sequence(rng, 1, height, width, objects=1 + i % 3)[0]
+        _write_jpeg(out / "images" / f"image{i:03d}.jpg", image)
+        write_label_map(out / "masks" / f"image{i:03d}.png", np.where(ring, VOID, labels).astype(np.uint8))
+    return out
 
 
 def write_davis(out: Path, seed: int = 0, train: int = 10, val: int = 4, frames: int = 10, height: int = 48,

@@ -58,10 +58,11 @@ class LCM(STM):
         position_temperature: float = 100.0,
         position_scale: float = 3.0,
         relation_dim: int = 64,
+        init_checkpoint: str | None = None,
         optim: OptimizerRecipe = OptimizerRecipe(optimizer="adam", lr=1e-5, schedule="polynomial", power=0.9),
     ) -> None:
         super().__init__(backbone, pretrained, weights, key_dim, value_dim, decoder_dim, memory_every, freeze_batchnorm,
-                         optim)
+                         init_checkpoint, optim)
 
     def build_network(self) -> LCMNetwork:
         h = self.hparams

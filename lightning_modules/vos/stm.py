@@ -22,16 +22,20 @@ BatchNorm frozen (eval mode; its affine weights train), the temporal skip growin
 Deviations from the authors' code:
 
 - A training clip keeps at most ``max_objects`` (3) objects of its first frame (the
-  DataModule's ``DAVISClips``); the others are background.
-- The training stages are the DAVIS stage only: the static-image stage 1 and YouTube-VOS are not
-  wired in yet.
+  DataModule's ``VOSClips``); the others are background.
+- Stage 1 deforms one image into a clip by successive random perspective warps (the 3P code's
+  two homographies), and does not paste objects of other COCO images into images without any.
+  Stage 2 mixes the sources by clip counts per epoch (the 3P code draws DAVIS with probability
+  0.08). ``init_checkpoint`` carries the network from one stage to the next.
 - The temporal skip grows per epoch (``skip_every_epochs``), where the 3P code grows it every
   3000 iterations.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,7 @@ from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.sequence_evaluation import SequenceEvaluatedModule
 
 VOID = 255
+log = logging.getLogger(__name__)
 
 
 def memory_frames(t: int, memory_every: int) -> list[int]:
@@ -49,6 +54,31 @@ def memory_frames(t: int, memory_every: int) -> list[int]:
     k % ``memory_every`` == 0, and frame t − 1 (sizes 1, 2, 2, 2, 2, 2, 3, ... for every 5)."""
     permanent = [k for k in range(t) if k % memory_every == 0]
     return permanent if t - 1 in permanent else permanent + [t - 1]
+
+
+def load_network_weights(network: nn.Module, path: str) -> None:
+    """The ``network.*`` weights of a visionzoo STM/LCM checkpoint into ``network``. A weight the
+    checkpoint lacks or holds in another shape (LCM's modules and its wider decoder input when
+    starting from STM) keeps its initialisation, listed in the log; a checkpoint weight the network
+    does not have is an error (another architecture or size)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.init_checkpoint {file}: no such file; expected a checkpoint of an earlier STM/LCM "
+                                "stage (runs/davis/<method>/<run>/checkpoints/last.ckpt)")
+    state = torch.load(file, map_location="cpu", weights_only=False).get("state_dict", {})
+    weights = {key[len("network."):]: value for key, value in state.items() if key.startswith("network.")}
+    if not weights:
+        raise ValueError(f"model.init_checkpoint {file}: no 'network.*' weights; expected a visionzoo STM or LCM checkpoint")
+    own = network.state_dict()
+    unknown = sorted(weights.keys() - own.keys())
+    if unknown:
+        raise ValueError(f"model.init_checkpoint {file}: {len(unknown)} weights this network does not have "
+                         f"({', '.join(unknown[:5])}); is it the same backbone and key/value sizes?")
+    fitting = {key: value for key, value in weights.items() if value.shape == own[key].shape}
+    network.load_state_dict(fitting, strict=False)
+    fresh = sorted(own.keys() - fitting.keys())
+    log.info(f"network initialised from {file}: {len(fitting)} of {len(own)} weights"
+             + (f"; kept fresh: {', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}" if fresh else ""))
 
 
 def object_masks(labels: Tensor, num_objects: int) -> tuple[Tensor, Tensor]:
@@ -59,7 +89,9 @@ def object_masks(labels: Tensor, num_objects: int) -> tuple[Tensor, Tensor]:
 
 class STM(SequenceEvaluatedModule):
     """Space-Time Memory network (module docstring). Defaults are the authors': ResNet-50
-    encoders from ImageNet weights, keys 128, values 512, decoder 256, memory every 5 frames."""
+    encoders from ImageNet weights, keys 128, values 512, decoder 256, memory every 5 frames.
+    ``init_checkpoint``: a visionzoo STM or LCM checkpoint (an earlier training stage) whose
+    network starts this run (:func:`load_network_weights`)."""
 
     method_name = "stm"
 
@@ -73,11 +105,14 @@ class STM(SequenceEvaluatedModule):
         decoder_dim: int = 256,
         memory_every: int = 5,
         freeze_batchnorm: bool = True,
+        init_checkpoint: Optional[str] = None,
         optim: OptimizerRecipe = OptimizerRecipe(optimizer="adam", lr=1e-5, schedule="polynomial", power=0.9),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.network = self.build_network()
+        if init_checkpoint is not None:
+            load_network_weights(self.network, init_checkpoint)
         if freeze_batchnorm:  # eval mode always (VisionZooModule.train keeps frozen modules in eval)
             for module in self.network.modules():
                 if isinstance(module, nn.BatchNorm2d):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.davis import DAVISDataModule, SequenceShards, sequence_names
+from benchmarks.metrics.davis import score_results_folder, sequence_names
+from datamodules.davis import DAVISDataModule, SequenceShards
 
 
 def test_sequences_are_served_whole_with_the_first_frame_masks(mini_davis):
@@ -25,6 +26,28 @@ def test_sequences_are_served_whole_with_the_first_frame_masks(mini_davis):
     merged.setup("test")
     assert set(np.unique(merged.sequences[2].annotations)) == {0, 1, 255}  # one object in 2016
     assert DAVISDataModule(str(mini_davis), task="unsupervised").run_name == "2017_val_unsupervised"
+
+
+def test_the_2016_package_binary_masks_are_objects_not_void(mini_davis, tmp_path):
+    """DAVIS 2016 ships grayscale 0/255 masks (255 the object) and ImageSets/480p lists of frame
+    pairs: read as one object, and a results folder equal to them scores J = F = 1."""
+    root = tmp_path / "DAVIS2016"
+    (root / "ImageSets/480p").mkdir(parents=True)
+    pairs = []
+    for sequence in ("val-00", "val-01"):
+        shutil.copytree(mini_davis / "JPEGImages/480p" / sequence, root / "JPEGImages/480p" / sequence)
+        for png in sorted((mini_davis / "Annotations/480p" / sequence).glob("*.png")):
+            labels = np.array(Image.open(png))
+            target = root / "Annotations/480p" / sequence / png.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.where((labels > 0) & (labels < 255), 255, 0).astype(np.uint8), mode="L").save(target)
+            pairs.append(f"/JPEGImages/480p/{sequence}/{png.stem}.jpg /Annotations/480p/{sequence}/{png.name}")
+    (root / "ImageSets/480p/val.txt").write_text("\n".join(pairs) + "\n")
+    datamodule = DAVISDataModule(str(root), year=2016)
+    datamodule.setup("test")
+    assert set(np.unique(datamodule.sequences[0].annotations)) == {0, 1}
+    rows = score_results_folder(root, root / "Annotations/480p", year=2016)
+    assert len(rows) == 2 and all(row["J-Mean"] == 1.0 and row["F-Mean"] == 1.0 for row in rows)
 
 
 def test_sequence_shards_put_each_sequence_on_one_rank_longest_first():

@@ -87,3 +87,34 @@ def test_stm_learns_to_track_the_mini_objects_better_than_copying_the_first_fram
     stm, copy = mini_davis_scores("stm", mini_davis, tmp_path, epochs=15)
     print(f"STM {stm['J&F-Mean']:.3f}, first-frame copy {copy['J&F-Mean']:.3f}")
     assert stm["J&F-Mean"] >= copy["J&F-Mean"] + 0.1, (stm, copy)
+
+
+@pytest.mark.slow
+def test_static_image_stage_then_lcm_from_its_weights_through_the_cli(mini_data, tmp_path, monkeypatch):
+    """Stage 1 on the mini image+mask folder alone (no DAVIS folder exists), then LCM's video
+    stage starting from its network: the encoders come from stage 1, LCM's own modules fresh."""
+    from conftest import CONFIGS
+    from lightning_modules.cli import VisionZooCLI
+    from lightning_modules.vos.lcm import LCM
+
+    monkeypatch.chdir(tmp_path)
+    mini = ["--config", str(CONFIGS / "davis/mini.yaml"), "--config", str(CONFIGS / "trainer/cpu.yaml"),
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    VisionZooCLI(args=["fit", "--config", str(CONFIGS / "davis/stm_static_pretrain.yaml"), *mini,
+                       "--data.init_args.root", str(tmp_path / "no_davis_here"),
+                       "--data.init_args.static_images_root", str(mini_data / "vos_images")])
+    stage1 = tmp_path / "runs/davis/stm/2017_val_static_images/checkpoints/last.ckpt"
+    assert stage1.is_file()
+    VisionZooCLI(args=["fit", "--config", str(CONFIGS / "davis/lcm.yaml"), *mini, "--data.init_args.root", str(mini_data / "davis"),
+                       "--model.init_args.init_checkpoint", str(stage1), "--trainer.limit_val_batches", "0"])
+    assert (tmp_path / "runs/davis/lcm/2017_val/checkpoints/last.ckpt").is_file()
+    stage1_weights = torch.load(stage1, map_location="cpu", weights_only=False)["state_dict"]
+    lcm = LCM(backbone="test_resnet", pretrained=False, key_dim=32, value_dim=64, decoder_dim=32, init_checkpoint=str(stage1))
+    own = lcm.state_dict()
+    assert torch.equal(own["network.query_encoder.layer3.0.conv1.weight"], stage1_weights["network.query_encoder.layer3.0.conv1.weight"])
+    assert own["network.decoder.conv_read.weight"].shape != stage1_weights["network.decoder.conv_read.weight"].shape
+    with pytest.raises(ValueError, match=r"init_checkpoint .*weights this network does not have"):
+        STM(backbone="test_resnet", pretrained=False, key_dim=32, value_dim=64, decoder_dim=32,
+            init_checkpoint=str(tmp_path / "runs/davis/lcm/2017_val/checkpoints/last.ckpt"))
+    with pytest.raises(FileNotFoundError, match=r"model\.init_checkpoint .*missing\.ckpt: no such file"):
+        STM(backbone="test_resnet", pretrained=False, init_checkpoint=str(tmp_path / "missing.ckpt"))
