@@ -4,15 +4,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# The official MOTChallenge evaluator (pyproject.toml says why it is installed without its deps).
+TRACKEVAL_VERSION := 1.3.0
 
 .PHONY: demo test install ffmpeg clean-demo
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps trackeval==$(TRACKEVAL_VERSION)
 	$(BIN)/python -c "import torch, torchvision, timm, lightning; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| lightning', lightning.__version__)"
 	$(MAKE) --no-print-directory ffmpeg
 	touch $(INSTALLED)

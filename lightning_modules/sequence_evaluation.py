@@ -84,5 +84,5 @@ class SequenceEvaluatedModule(EvaluatedModule):
         results = self._metric.combine_rows(rows)
         self.log_dict({f"{stage}/{key}": torch.tensor(value, dtype=torch.float64) for key, value in results.items()},
                       sync_dist=False)
-        self.result_tables[stage] = {"per_object": rows}
+        self.result_tables[stage] = self._metric.tables(rows)
         self.skipped_items[stage] = []

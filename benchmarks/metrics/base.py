@@ -67,8 +67,16 @@ class SequenceMetric:
     """A metric of a sequence benchmark (module docstring): :meth:`sequence_rows` of one sequence,
     :meth:`combine_rows` of all of them (each sequence once, in dataset order)."""
 
+    def result_labels(self, prediction: Any) -> Any:
+        """A method's prediction of a sequence in the benchmark's result format (the submission's)."""
+        return prediction
+
     def sequence_rows(self, name: str, annotations: Any, prediction: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def combine_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         raise NotImplementedError
+
+    def tables(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """The rows as ``results.json`` tables (JSON values), by table name."""
+        return {"per_sequence": [dict(row) for row in rows]}

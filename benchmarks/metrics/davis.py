@@ -195,6 +195,9 @@ class JAndF(SequenceMetric):
     def combine_rows(self, rows: Sequence[dict[str, float | str]]) -> dict[str, float]:
         return global_results(rows)
 
+    def tables(self, rows: Sequence[dict[str, float | str]]) -> dict[str, list[dict[str, float | str]]]:
+        return {"per_object": list(rows)}
+
 
 # --------------------------------------------------------------------------------- files
 
