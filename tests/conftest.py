@@ -17,6 +17,7 @@ def mini_data(tmp_path_factory) -> Path:
     from datamodules.mini.davis import write_davis, write_image_masks, write_youtube_vos
     from datamodules.mini.landmarks import write_gldv2, write_revisited
     from datamodules.mini.ms1m import write_ms1m
+    from datamodules.mini.mot17 import write_mot17
     from datamodules.mini.mvtec import write_mvtec
     from datamodules.mini.ucf101 import write_ucf101
 
@@ -30,12 +31,18 @@ def mini_data(tmp_path_factory) -> Path:
     write_davis(root / "davis", seed=0)
     write_youtube_vos(root / "youtube_vos", seed=0)
     write_image_masks(root / "vos_images", seed=0)
+    write_mot17(root / "mot17", seed=0)
     return root
 
 
 @pytest.fixture(scope="session")
 def mini_davis(mini_data) -> Path:
     return mini_data / "davis"
+
+
+@pytest.fixture(scope="session")
+def mini_mot17(mini_data) -> Path:
+    return mini_data / "mot17"
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,11 @@
 """Write a mini dataset in a benchmark's official layout:
-``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited,davis,youtube_vos,vos_images} OUT``."""
+``python -m datamodules.mini {mvtec,adbench,ms1m,ucf101,gldv2,revisited,davis,youtube_vos,vos_images,mot17} OUT``."""
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.mini import adbench, davis, landmarks, ms1m, mvtec, ucf101
+from datamodules.mini import adbench, davis, landmarks, ms1m, mot17, mvtec, ucf101
 
 
 def _summary(root: Path) -> str:
@@ -78,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser_images.add_argument("out", type=Path)
     parser_images.add_argument("--seed", type=int, default=0)
     parser_images.set_defaults(write=lambda args: davis.write_image_masks(args.out, seed=args.seed))
+
+    parser_mot17 = benchmarks.add_parser("mot17", help="mini MOT17 (textured walkers, MOTChallenge layout)")
+    parser_mot17.add_argument("out", type=Path)
+    parser_mot17.add_argument("--seed", type=int, default=0)
+    parser_mot17.set_defaults(write=lambda args: mot17.write_mot17(args.out, seed=args.seed))
 
     args = parser.parse_args(argv)
     print(_summary(args.write(args)))
