@@ -7,7 +7,8 @@ way leaves the previous submission whole. Each rank writes the samples it evalua
 that the distributed sampler repeats is written twice with the same content). The run
 directory must be shared by the ranks, as it is for checkpoints.
 
-Writers: :class:`MVTecTIFFMaps` (MVTec AD), :class:`DAVISResults` (DAVIS); :class:`KaggleRetrievalCSV` (GLDv2, one file from the
+Writers: :class:`MVTecTIFFMaps` (MVTec AD), :class:`DAVISResults` (DAVIS), :class:`MOTResults` and
+:class:`MOTGroundTruth` (MOT17); :class:`KaggleRetrievalCSV` (GLDv2, one file from the
 whole test's rankings). The benchmark's ``python -m benchmarks.metrics.<benchmark>``
 scores such files with visionzoo's metric code where it has one.
 """
@@ -24,7 +25,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from benchmarks.metrics.davis import write_label_map
+from benchmarks.metrics.mot import write_ground_truth, write_seqmap, write_tracks
 from benchmarks.metrics.retrieval import GLDv2Protocol, write_retrieval_submission
+from lightning_modules.distributed.comm import all_gather_objects
 
 
 def replace_directory(final: Path, staging: Path) -> None:
@@ -125,6 +128,45 @@ class DAVISResults(SubmissionWriter):
     def write_batch(self, directory: Path, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
         for frame, labels in zip(outputs["frame_names"], outputs["result"]):
             write_label_map(directory / outputs["name"] / f"{frame}.png", labels)
+
+
+class MOTResults(SubmissionWriter):
+    """MOTChallenge result files, ``<run dir>/mot_results/<seq>.txt`` (``frame,id,x,y,w,h,conf,-1,-1,-1``,
+    frames from 1), one per tracked sequence, test sequences without ground truth included: the
+    files the MOTChallenge server takes (zipped) and ``python -m benchmarks.metrics.mot`` scores."""
+
+    def __init__(self, directory: str = "mot_results") -> None:
+        super().__init__(directory)
+
+    def write_batch(self, directory: Path, batch: Any, outputs: dict[str, Any]) -> None:
+        write_tracks(directory / f"{outputs['name']}.txt", outputs["result"])
+
+
+class MOTGroundTruth(SubmissionWriter):
+    """The ground truth the test scored, in TrackEval's layout, ``<run dir>/mot_ground_truth/<seq>/gt/gt.txt``
+    with its ``seqinfo.ini`` and ``seqmap.txt`` (the half split's renumbered second halves), so
+    that ``python -m benchmarks.metrics.mot <run>/mot_ground_truth <run>/mot_results --seqmap
+    <run>/mot_ground_truth/seqmap.txt`` reproduces the run's numbers with TrackEval's own loop."""
+
+    def __init__(self, directory: str = "mot_ground_truth") -> None:
+        super().__init__(directory)
+        self.names: list[str] = []
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
+        self.names = []
+
+    def write_batch(self, directory: Path, batch: Any, outputs: dict[str, Any]) -> None:
+        annotations = batch.annotations
+        if annotations.ground_truth is not None:
+            write_ground_truth(directory / batch.name, annotations.ground_truth, annotations.length, batch.frame_rate)
+            self.names.append(batch.name)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        names = sorted(name for part in all_gather_objects(self.names) for name in part)
+        if trainer.is_global_zero:
+            write_seqmap(self._paths(trainer)[1] / "seqmap.txt", names)
+        super().on_test_end(trainer, pl_module)
 
 
 class KaggleRetrievalCSV(Callback):

@@ -128,12 +128,14 @@ class MOTSequence:
 @dataclass
 class MOTSequenceItem:
     """One sequence for the sequence loop: ``frames`` are paths (read on demand by
-    :meth:`frame`), ``annotations`` for the metric."""
+    :meth:`frame`), ``annotations`` for the metric, ``input_size`` (height, width) the
+    letterboxed network input of training."""
 
     name: str
     frames: list[Path]
     annotations: MOTAnnotations
     frame_rate: float
+    input_size: tuple[int, int]
     frame_names: list[str] = field(default_factory=list)
     eval_set: str = ""
     index: int = -1
@@ -195,44 +197,42 @@ class MOTFrames(AugmentationRNG, Dataset):
             offset += len(ids)
         self.num_ids, self.previous_frame = offset, previous_frame
         height, width = image_size
-        targets = {"image_previous": "image", "bboxes_previous": "bboxes", "track_ids_previous": "labels"} if previous_frame else {}
+        targets = {"image_previous": "image", "bboxes_previous": "bboxes"} if previous_frame else {}
         self.transform = A.Compose([
             A.Affine(rotate=(-5, 5), translate_percent=(-0.1, 0.1), scale=(0.5, 1.2), fill=LETTERBOX_FILL, p=1.0),
             A.ColorJitter(brightness=0.5, contrast=0.0, saturation=0.5, hue=0.0, p=1.0),
             A.LongestMaxSize(max_size_hw=(height, width)),
             A.PadIfNeeded(height, width, border_mode=cv2.BORDER_CONSTANT, fill=LETTERBOX_FILL),
             A.HorizontalFlip(),
-        ], bbox_params=A.BboxParams(format="coco", label_fields=["track_ids"], clip=True, min_area=4.0,
-                                    filter_invalid_bboxes=True), additional_targets=targets)
+        ], bbox_params=A.BboxParams(format="coco", clip=True, min_area=4.0, filter_invalid_bboxes=True),
+            additional_targets=targets)  # each box row carries its id as a fifth column
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frame(self, sequence: MOTSequence, index: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows = self.boxes_by_frame[index].get(t + 1, np.zeros((0, 5)))
-        return read_image(sequence.frames[t]), rows[:, :4], rows[:, 4].astype(np.int64)
+    def _frame(self, sequence: MOTSequence, index: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame t (0-based) and its boxes [n, 5] (x, y, w, h, id)."""
+        return read_image(sequence.frames[t]), self.boxes_by_frame[index].get(t + 1, np.zeros((0, 5)))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sequence, t, index = self.samples[i]
-        image, boxes, ids = self._frame(sequence, index, t)
-        inputs: dict[str, Any] = {"image": image, "bboxes": boxes, "track_ids": ids}
+        image, boxes = self._frame(sequence, index, t)
+        inputs: dict[str, Any] = {"image": image, "bboxes": boxes}
         if self.previous_frame:
-            previous, previous_boxes, previous_ids = self._frame(sequence, index, t - 1)
-            inputs |= {"image_previous": previous, "bboxes_previous": previous_boxes, "track_ids_previous": previous_ids}
+            inputs["image_previous"], inputs["bboxes_previous"] = self._frame(sequence, index, t - 1)
         self.transform.set_random_seed(self.draw_seed())
         out = self.transform(**inputs)
-        item = _frame_item(out["image"], out["bboxes"], out["track_ids"])
+        item = _frame_item(out["image"], out["bboxes"])
         if self.previous_frame:
-            item |= {f"previous_{key}": value for key, value in
-                     _frame_item(out["image_previous"], out["bboxes_previous"], out["track_ids_previous"]).items()}
+            item |= {f"previous_{key}": value for key, value in _frame_item(out["image_previous"], out["bboxes_previous"]).items()}
         return item
 
 
-def _frame_item(image: np.ndarray, boxes: Any, ids: Any) -> dict[str, Tensor]:
-    xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    return {"image": frame_tensor(image), "boxes": torch.from_numpy(corners),
-            "track_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1))}
+def _frame_item(image: np.ndarray, boxes: Any) -> dict[str, Tensor]:
+    """The model's input: the normalised image, boxes [n, 4] as corners, their ids [n]."""
+    rows = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    corners = np.concatenate([rows[:, :2], rows[:, :2] + rows[:, 2:4]], axis=1).astype(np.float32)
+    return {"image": frame_tensor(image), "boxes": torch.from_numpy(corners), "track_ids": torch.from_numpy(rows[:, 4].astype(np.int64))}
 
 
 def collate_frames(items: list[dict[str, Tensor]]) -> dict[str, Any]:
@@ -259,8 +259,8 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, flo
 
 
 class MOTSequences(Dataset):
-    def __init__(self, sequences: Sequence[MOTSequence]) -> None:
-        self.sequences = list(sequences)
+    def __init__(self, sequences: Sequence[MOTSequence], input_size: tuple[int, int]) -> None:
+        self.sequences, self.input_size = list(sequences), input_size
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -271,7 +271,8 @@ class MOTSequences(Dataset):
     def __getitem__(self, i: int) -> MOTSequenceItem:
         sequence = self.sequences[i]
         return MOTSequenceItem(sequence.name, sequence.frames, MOTAnnotations(sequence.ground_truth, len(sequence.frames)),
-                               sequence.info.frame_rate, [f"{t:06d}" for t in range(1, len(sequence.frames) + 1)])
+                               sequence.info.frame_rate, self.input_size,
+                               [f"{t:06d}" for t in range(1, len(sequence.frames) + 1)])
 
 
 class _IndexedSequences(EvalSet):
@@ -366,7 +367,7 @@ class MOT17DataModule(VisionZooDataModule):
             train = scored_train
             evaluated = [scan_sequence(folder, require_gt=False) for folder in self.sequence_folders(h.eval_split)]
         self.train_frames = MOTFrames(train, tuple(h.image_size), h.previous_frame)
-        self.eval_sequences = MOTSequences(evaluated)
+        self.eval_sequences = MOTSequences(evaluated, tuple(h.image_size))
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -73,3 +73,28 @@ def mini_ms1m(mini_data) -> Path:
 @pytest.fixture(scope="session")
 def mini_ucf101(mini_data) -> Path:
     return mini_data / "ucf101"
+
+
+def mot17_args(method_config: str, root: Path) -> list[str]:
+    """The CLI arguments of ``configs/mot17/<method_config>.yaml`` on the mini MOT17 at ``root``, on the CPU."""
+    return ["--config", str(CONFIGS / f"mot17/{method_config}.yaml"), "--config", str(CONFIGS / "mot17/mini.yaml"),
+            "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(root)]
+
+
+@pytest.fixture(scope="session")
+def trained_mini_fairmot(mini_mot17, tmp_path_factory) -> Path:
+    """A FairMOT trained on the mini MOT17's half split through ``visionzoo fit`` (the mini preset,
+    20 epochs, about 2 CPU minutes): the folder holding ``runs/mot17/fairmot/val_half``. Shared by
+    the learning test and the two-rank evaluation test."""
+    import os
+
+    from lightning_modules.cli import VisionZooCLI
+
+    folder = tmp_path_factory.mktemp("fairmot")
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        VisionZooCLI(args=["fit", *mot17_args("fairmot_dla34", mini_mot17), "--trainer.limit_val_batches", "0"])
+    finally:
+        os.chdir(previous)
+    return folder

@@ -11,7 +11,9 @@ rank's items, count each once and keep the dataset order. Each case here has suc
 - GLDv2 retrieval: 40 queries against 100 index images, scored per Public/Private split, and the
   compatibility table of a model upgrade (every image embedded by two models);
 - DAVIS: 4 sequences through the sequence loop, each on one rank (2 and 2 by length), the
-  per-object rows gathered in sequence order.
+  per-object rows gathered in sequence order;
+- MOT17: the 4 half-split sequences of a trained mini FairMOT, tracked on one rank each and
+  scored by TrackEval after the gather.
 """
 
 from __future__ import annotations
@@ -115,3 +117,19 @@ def test_davis_sequence_evaluation_on_two_ranks_equals_one_process(mini_davis, t
     assert tables[0] == tables[1]  # every object once, in sequence order
     written = sorted(p.relative_to(tmp_path / "two/davis_results") for p in (tmp_path / "two/davis_results").rglob("*.png"))
     assert len(written) == 10 + 11 + 12 + 10
+
+
+def test_mot17_sequence_evaluation_on_two_ranks_equals_one_process(trained_mini_fairmot, mini_mot17, tmp_path):
+    checkpoint = trained_mini_fairmot / "runs/mot17/fairmot/val_half/checkpoints/last.ckpt"
+    args = ["--config", str(CONFIGS / "mot17/fairmot_dla34.yaml"), "--config", str(CONFIGS / "mot17/mini.yaml"),
+            "--data.init_args.root", str(mini_mot17), "--ckpt_path", str(checkpoint)]
+    single = _test_metrics(args, tmp_path, tmp_path / "single", ONE_PROCESS)
+    two = _test_metrics(args, tmp_path, tmp_path / "two", TWO_RANKS)
+    assert single["MOTA"] > 0.3
+    _assert_same(single, two)
+    tables = [json.loads((tmp_path / run / "results.json").read_text())["tables"]["per_sequence"] for run in ("single", "two")]
+    assert [row["Sequence"] for row in tables[0]] == [row["Sequence"] for row in tables[1]]  # each once, in order
+    for row_single, row_two in zip(*tables):  # a box's float rounding may differ with the threads per process
+        _assert_same({k: v for k, v in row_single.items() if k != "Sequence"}, {k: v for k, v in row_two.items() if k != "Sequence"})
+    assert sorted(p.name for p in (tmp_path / "two/mot_results").glob("*.txt")) == sorted(
+        p.name for p in (tmp_path / "single/mot_results").glob("*.txt"))

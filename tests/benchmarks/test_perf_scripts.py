@@ -44,3 +44,15 @@ def test_vos_inference_perf_script(tmp_path, capsys):
         ("stm", 3, 5), ("stm", 3, 1), ("lcm", 3, 5), ("lcm", 3, 1)]
     assert all(r["frames_per_s"] > 0 for r in rows)
     assert "| lcm | 3 | 1 |" in capsys.readouterr().out
+
+
+def test_tracking_perf_script(tmp_path, capsys):
+    from benchmarks.perf import tracking
+
+    out = tmp_path / "tracking.json"
+    tracking.main(["--backbone", "dla46_c", "--no-deformable", "--height", "64", "--width", "96", "--objects", "5", "40",
+                   "--frames", "3", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["objects"]) for r in rows] == [("fairmot", 5), ("fairmot", 40), ("corrtracker", 5), ("corrtracker", 40)]
+    assert all(r["detection_fps"] > 0 and r["association_fps"] > 0 and r["fps"] < r["detection_fps"] for r in rows)
+    assert "| corrtracker | 40 |" in capsys.readouterr().out
