@@ -334,9 +334,15 @@ class MOT17DataModule(VisionZooDataModule):
         self.setup("fit")
         return self.train_frames.num_ids
 
+    @property
+    def seqmap_name(self) -> str:
+        """The name of the scored sequence list: ``MOT17-val_half-FRCNN``, ``MOT17-test-all`` ..."""
+        split = "val_half" if self.protocol == "half" else self.hparams.eval_split
+        return f"{self.hparams.benchmark_name}-{split}-{self.detector or 'all'}"
+
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root.resolve()), "protocol": self.protocol, "detector": self.detector,
-                "benchmark": self.hparams.benchmark_name,
+                "benchmark": self.hparams.benchmark_name, "seqmap": self.seqmap_name,
                 "sequences": [s.name for s in self.eval_sequences.sequences] if self.eval_sequences else None}
 
     def eval_set_names(self, stage: Literal["val", "test"]) -> list[str]:

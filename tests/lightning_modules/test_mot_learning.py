@@ -34,6 +34,7 @@ def test_fairmot_tracks_the_mini_walkers_far_better_than_new_ids_for_every_detec
     print({k: (round(tracked[k], 3), round(reference[k], 3)) for k in ("MOTA", "IDF1", "HOTA", "IDSW")})
     assert tracked["MOTA"] >= reference["MOTA"] + 0.3 and tracked["IDF1"] >= reference["IDF1"] + 0.4
     assert tracked["HOTA"] >= reference["HOTA"] + 0.2 and tracked["IDSW"] < reference["IDSW"]
+    assert results["dataset"]["seqmap"] == "MOT17-val_half-FRCNN"
     assert [row["Sequence"] for row in results["tables"]["per_sequence"]] == [
         "MOT17-02-FRCNN", "MOT17-04-FRCNN", "MOT17-05-FRCNN", "MOT17-09-FRCNN"]
     # The written files score the same with TrackEval's own loop.
