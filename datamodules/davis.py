@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmarks.metrics.davis import JAndF, Task, read_annotation, sequence_names, split_file
 from datamodules.base import EvalSet, VisionZooDataModule
+from datamodules.formats.flow import flow_to_color, read_flo
 from datamodules.formats.images import read_image
 from datamodules.layout import layout_error
 from datamodules.resumable import eval_loader, loader_options, resumable_train_loader
@@ -66,14 +67,17 @@ def scan_sequence(root: Path, name: str, resolution: str, annotations: str) -> S
 @dataclass
 class SequenceItem:
     """One sequence to evaluate: ``frames`` uint8 [T, H, W, 3], ``annotations`` uint8 [T, H, W]
-    (the official label maps: 0, 1..N, 255 void), ``frame_names``, and ``first_masks`` (the first
-    frame's label map, void as background) in the semi-supervised task, else None."""
+    (the official label maps: 0, 1..N, 255 void), ``frame_names``, ``first_masks`` (the first
+    frame's label map, void as background) in the semi-supervised task, else None, and ``flows``
+    (each frame's forward optical flow as a colour-wheel image, uint8 [T, H, W, 3]) where the
+    DataModule reads flow."""
 
     name: str
     frames: np.ndarray
     annotations: np.ndarray
     frame_names: list[str]
     first_masks: Optional[np.ndarray]
+    flows: Optional[np.ndarray] = None
     eval_set: str = ""
     index: int = -1
 
@@ -87,10 +91,11 @@ class SequenceItem:
 
 
 class DAVISSequences(Dataset):
-    """Whole sequences as :class:`SequenceItem` (read on access)."""
+    """Whole sequences as :class:`SequenceItem` (read on access), with their flow images where a
+    :class:`FlowFolder` is given."""
 
-    def __init__(self, records: Sequence[SequenceRecord], task: Task, year: int) -> None:
-        self.records, self.task, self.year = list(records), task, year
+    def __init__(self, records: Sequence[SequenceRecord], task: Task, year: int, flow: Optional["FlowFolder"] = None) -> None:
+        self.records, self.task, self.year, self.flow = list(records), task, year, flow
 
     def __len__(self) -> int:
         return len(self.records)
@@ -108,7 +113,32 @@ class DAVISSequences(Dataset):
         if self.year == 2016:
             annotations = np.where(annotations == 255, 255, (annotations > 0).astype(np.uint8))
         first = np.where(annotations[0] == 255, 0, annotations[0]) if self.task == "semi-supervised" else None
-        return SequenceItem(record.name, frames, annotations, record.frame_names, first)
+        flows = np.stack([self.flow.image(record, t) for t in range(len(record.frames))]) if self.flow else None
+        return SequenceItem(record.name, frames, annotations, record.frame_names, first, flows)
+
+
+@dataclass(frozen=True)
+class FlowFolder:
+    """Precomputed forward optical flow, ``<root>/<seq>/<frame>.png`` (a colour-wheel rendering,
+    as the zero-shot methods' authors ship it) or ``<frame>.flo`` (rendered here,
+    :func:`~datamodules.formats.flow.flow_to_color`), one per frame."""
+
+    root: Path
+    format: Literal["png", "flo"] = "png"
+
+    def path(self, record: SequenceRecord, t: int) -> Path:
+        return self.root / record.name / f"{record.frames[t].stem}.{self.format}"
+
+    def missing(self, records: Sequence[SequenceRecord]) -> list[str]:
+        return [str(self.path(r, t)) for r in records for t in range(len(r.frames)) if not self.path(r, t).is_file()]
+
+    def image(self, record: SequenceRecord, t: int) -> np.ndarray:
+        """The flow of frame ``t`` as an RGB image at the frame's size."""
+        path = self.path(record, t)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the flow of frame {t} of {record.name} is missing (python -m "
+                                    "datamodules.prepare davis_flow computes it)")
+        return flow_to_color(read_flo(path)) if self.format == "flo" else read_image(path)
 
 
 class SequenceShards(DistributedSampler):
@@ -166,7 +196,10 @@ class DAVISDataModule(VisionZooDataModule):
       ``static_deformation`` of the image size.
 
     STM's third-party code draws DAVIS with probability 0.08 beside YouTube-VOS: the clip counts
-    set the mix."""
+    set the mix.
+
+    ``flow_root``: each evaluation sequence's flow images (:class:`FlowFolder`, ``flow_format``
+    png or flo), for the zero-shot methods; every frame's flow is checked in ``setup()``."""
 
     benchmark = "davis"
 
@@ -192,6 +225,8 @@ class DAVISDataModule(VisionZooDataModule):
         static_clips_per_image: int = 1,
         static_deformation: float = 0.1,
         batch_size: int = 4,
+        flow_root: Optional[str] = None,
+        flow_format: Literal["png", "flo"] = "png",
         num_workers: int = 2,
     ) -> None:
         super().__init__()
@@ -211,6 +246,7 @@ class DAVISDataModule(VisionZooDataModule):
             raise ValueError(f"data.task must be semi-supervised or unsupervised; got {task!r}")
         self.root, self.year, self.split, self.resolution, self.task = Path(root), year, split, resolution, task
         self.num_workers = num_workers
+        self.flow = FlowFolder(Path(flow_root), flow_format) if flow_root else None
         self.sequences: Optional[DAVISSequences] = None
         self.train_clips: Optional[VOSClips] = None
 
@@ -240,7 +276,11 @@ class DAVISDataModule(VisionZooDataModule):
             self.train_clips = VOSClips(self._clip_sources(), **self.clips)
         validates = stage != "fit" or self.trainer is None or self.trainer.limit_val_batches != 0
         if validates and self.sequences is None:
-            self.sequences = DAVISSequences(self._records(self.split), self.task, self.year)
+            records = self._records(self.split)
+            if self.flow is not None and (missing := self.flow.missing(records)):
+                raise layout_error("optical flow", self.flow.root, missing, "(one flow per frame: python -m datamodules.prepare "
+                                   "davis_flow computes them)")
+            self.sequences = DAVISSequences(records, self.task, self.year, self.flow)
 
     def _clip_sources(self) -> list[ClipSource]:
         h = self.hparams
