@@ -1,6 +1,6 @@
 """Pictures of video object segmentation after ``test``: for each sequence, PNG panels of a few
-frames (frame | prediction overlay | ground-truth overlay, objects in the DAVIS palette's
-colours, void in white) and an animated GIF of the prediction overlay over all frames, in
+frames (frame | its optical flow where the method reads flow | prediction overlay |
+ground-truth overlay, objects in the DAVIS palette's colours, void in white) and an animated GIF of the prediction overlay over all frames, in
 ``<run dir>/<directory>/<seq>/``. Each rank draws the sequences it evaluated."""
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ def mask_overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> n
     return blend.astype(np.uint8)
 
 
-def sequence_panel(frame: np.ndarray, prediction: np.ndarray, annotation: np.ndarray, title: str) -> np.ndarray:
-    """frame | prediction overlay | ground-truth overlay, with a title bar."""
-    panel = np.concatenate([frame, mask_overlay(frame, prediction), mask_overlay(frame, annotation)], axis=1)
+def sequence_panel(frame: np.ndarray, prediction: np.ndarray, annotation: np.ndarray, title: str,
+                   flow: np.ndarray | None = None) -> np.ndarray:
+    """frame | flow image (when given) | prediction overlay | ground-truth overlay, with a title bar."""
+    parts = [frame] + ([flow] if flow is not None else []) + [mask_overlay(frame, prediction), mask_overlay(frame, annotation)]
+    panel = np.concatenate(parts, axis=1)
     bar = np.full((max(16, frame.shape[0] // 12), panel.shape[1], 3), 255, np.uint8)
     scale = bar.shape[0] / 40
     cv2.putText(bar, title, (4, int(bar.shape[0] * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(1, round(scale * 2)))
@@ -52,8 +54,10 @@ class MaskOverlays(Callback):
         frames, prediction, annotations = batch.frames, outputs["prediction"], batch.annotations
         chosen = np.unique(np.linspace(0, len(frames) - 1, self.frames_per_sequence).round().astype(int))
         for t in chosen:
+            flows = getattr(batch, "flows", None)
             panel = sequence_panel(frames[t], prediction[t], annotations[t],
-                                   f"{outputs['name']} {outputs['frame_names'][t]}: prediction | ground truth")
+                                   f"{outputs['name']} {outputs['frame_names'][t]}: " + ("flow | " if flows is not None else "")
+                                   + "prediction | ground truth", flows[t] if flows is not None else None)
             cv2.imwrite(str(folder / f"{outputs['frame_names'][t]}.png"), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
         if self.animation:
             images = [Image.fromarray(mask_overlay(frame, labels)) for frame, labels in zip(frames, prediction)]

@@ -58,11 +58,12 @@ class OptimizerRecipe:
     """The optimizer, its learning rate and schedule (module docstring).
 
     ``lr``: peak rate, for a global batch of ``lr_batch_size`` samples (``None``: as given).
-    ``optimizer``: SGD (``momentum``, ``nesterov``) or Adam, both torch's fused implementations
+    ``optimizer``: SGD (``momentum``, ``nesterov``), Adam or AdamW, torch's fused implementations
     (one pass over each parameter and its state, which matters for millions of class centres),
     or RMSprop (``rmsprop_alpha``, the smoothing constant: torch's 0.99; Keras' ``rho`` is 0.9).
-    ``weight_decay``: L2 decay, not on normalisation layers, PReLU and biases when
-    ``decay_norm_and_bias`` is false (insightface).
+    ``weight_decay``: L2 decay (AdamW: decoupled), not on normalisation layers, PReLU and biases
+    when ``decay_norm_and_bias`` is false (insightface). A method's parameter group may carry
+    ``lr_scale``: its rate is the run's times that (SegFormer's ×10 head).
     ``schedule``: ``cosine``, ``polynomial`` (``power``) or ``constant`` from the peak down to
     ``min_lr`` (scaled like ``lr``), or ``step``: ×``gamma`` at each of ``milestones`` (epochs).
     Warm-up: linear from ``warmup_start_factor`` × peak over ``warmup_epochs`` epochs or over
@@ -75,7 +76,7 @@ class OptimizerRecipe:
 
     lr: float
     lr_batch_size: int | None = None
-    optimizer: Literal["sgd", "adam", "rmsprop"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -112,8 +113,8 @@ class OptimizerRecipe:
             problems.append(f"milestones must be increasing epochs, got {list(self.milestones)}")
         if self.milestones and self.schedule != "step":
             problems.append(f"milestones are for schedule: step, not {self.schedule}")
-        if self.optimizer not in ("sgd", "adam", "rmsprop"):
-            problems.append(f"optimizer must be sgd, adam or rmsprop, got {self.optimizer!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw", "rmsprop"):
+            problems.append(f"optimizer must be sgd, adam, adamw or rmsprop, got {self.optimizer!r}")
         if self.weight_decay < 0 or self.momentum < 0:
             problems.append(f"weight_decay and momentum must be >= 0, got {self.weight_decay} and {self.momentum}")
         if self.backbone_grad_clip_norm is not None and not self.backbone_grad_clip_norm > 0:
@@ -152,10 +153,15 @@ class OptimizerRecipe:
     def configure(self, trainer: Trainer, groups: list[dict[str, Any]], method: str) -> dict[str, Any]:
         """``configure_optimizers``' answer: the optimizer over ``groups`` and its LambdaLR."""
         lr = self.lr * self.scale(trainer, method)
+        for group in groups:
+            if "lr_scale" in group:
+                group["lr"] = lr * group.pop("lr_scale")
         if self.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=lr, momentum=self.momentum, nesterov=self.nesterov, fused=True)
         elif self.optimizer == "adam":
             optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
+        elif self.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
         else:
             optimizer = torch.optim.RMSprop(groups, lr=lr, alpha=self.rmsprop_alpha)
         epochs = max(1, trainer.max_epochs or 1)
