@@ -4,7 +4,7 @@ with the papers' headline numbers (``paper_numbers.yaml``) beside them.
     python -m benchmarks.leaderboard runs/            # markdown on stdout
     python -m benchmarks.leaderboard runs/ --json     # the collected rows as JSON
 
-Metrics are shown in percent. Each run (an MVTec category, a UCF101 split ...) is shown by its
+Metrics are shown in percent, counts (id switches, mostly tracked ...) as counts. Each run (an MVTec category, a UCF101 split ...) is shown by its
 newest ``results.json``; a method with several runs also gets a row with their mean, over
 distinct runs only. Where the papers' number is a mean over a fixed set of categories (MVTec AD's
 15), the row says how many of them it covers and is marked not comparable when some are
@@ -30,6 +30,10 @@ PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
                     "tile", "toothbrush", "transistor", "wood", "zipper")
 PAPER_CATEGORIES = {"mvtec": MVTEC_CATEGORIES, "mvtec_adbench": MVTEC_CATEGORIES}
+# The columns of benchmarks whose results.json holds more than a table can show (every other
+# benchmark shows all its metrics), and the metrics that are counts, not fractions.
+SHOWN_METRICS = {"mot17": ("HOTA", "DetA", "AssA", "LocA", "MOTA", "MOTP", "IDF1", "IDP", "IDR", "IDSW", "Frag", "MT", "PT", "ML")}
+COUNTS = {"IDSW", "Frag", "MT", "PT", "ML", "CLR_TP", "CLR_FN", "CLR_FP", "IDTP", "IDFN", "IDFP"}
 
 
 def collect_results(runs: Path) -> list[dict[str, Any]]:
@@ -71,8 +75,12 @@ def _metric_order(name: str) -> list[str | int]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _cell(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.2f}" if abs(value) <= 1.0 else f"{value:.4g}"
+def _cell(value: float | None, name: str = "") -> str:
+    if value is None:
+        return ""
+    if name in COUNTS:
+        return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    return f"{100 * value:.2f}" if abs(value) <= 1.0 else f"{value:.4g}"
 
 
 def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -85,8 +93,8 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
     tables = {f"{benchmark}: model upgrades": compatibility_table(entries) for benchmark, entries in upgrades.items()}
     for benchmark, entries in sorted(by_benchmark.items()):
         papers = paper.get(benchmark, {})
-        names = sorted({name for e in entries for name in e["metrics"]} | {n for p in papers.values() for n in p["metrics"]},
-                       key=_metric_order)
+        names = list(SHOWN_METRICS.get(benchmark, ())) or sorted(
+            {name for e in entries for name in e["metrics"]} | {n for p in papers.values() for n in p["metrics"]}, key=_metric_order)
         rows = []
         for method, runs in sorted(_group(entries, "method").items()):
             newest = _newest_per_run(runs)
@@ -94,12 +102,12 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
                 skipped = run.get("skipped_corrupt") or 0
                 shown = (label + (" (untrained)" if untrained else "") + (f" (newest of {repeats})" if repeats > 1 else "")
                          + (f" ({skipped} corrupt samples skipped)" if skipped else ""))
-                rows.append([method, shown, *(_cell(run["metrics"].get(n)) for n in names), "visionzoo"])
+                rows.append([method, shown, *(_cell(run["metrics"].get(n), n) for n in names), "visionzoo"])
             trained = {label: run for (label, untrained), (run, _) in newest.items() if not untrained}
             if len(trained) > 1:
                 means = [[r["metrics"][n] for r in trained.values() if n in r["metrics"]] for n in names]
-                rows.append([method, _mean_label(benchmark, set(trained)), *(_cell(sum(v) / len(v)) if v else "" for v in means),
-                             "visionzoo"])
+                rows.append([method, _mean_label(benchmark, set(trained)),
+                             *(_cell(sum(v) / len(v), n) if v else "" for v, n in zip(means, names)), "visionzoo"])
             if method in papers:
                 reported = papers[method]["metrics"]
                 rows.append([method, "paper", *(f"{reported[n]:.2f}" if n in reported else "" for n in names), "paper (see note)"])

@@ -19,8 +19,11 @@ from lightning_modules.cli import VisionZooCLI
 from conftest import CONFIGS, REPO
 
 MINI_PRESET = "mini.yaml"
+# Methods whose mini preset is not their benchmark's mini.yaml (the zero-shot DAVIS methods read flow).
+OWN_PRESETS = {"davis/hfan_mitb1": "mini_zero_shot.yaml"}
+PRESETS = {MINI_PRESET, *OWN_PRESETS.values()}
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
-METHOD_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "trainer" and p.name != MINI_PRESET)
+METHOD_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "trainer" and p.name not in PRESETS)
 # Recipe variants (configs/<benchmark>/variants/), stacked on the method configs they name.
 VARIANTS = {CONFIGS / "ms1m/variants/arcface_torch_2022.yaml": [CONFIGS / "ms1m/arcface_r50.yaml", CONFIGS / "ms1m/cosface_r50.yaml"]}
 
@@ -29,12 +32,19 @@ def _cli(*args: str) -> VisionZooCLI:
     return VisionZooCLI(args=list(args), run=False)
 
 
+def mini_preset(config: Path) -> Path:
+    return config.with_name(OWN_PRESETS.get(f"{config.parent.name}/{config.stem}", MINI_PRESET))
+
+
 def _mini_args(config: Path, mini_root: Path) -> list[str]:
-    return ["--config", str(config), "--config", str(config.with_name(MINI_PRESET)), "--data.init_args.root", str(mini_root)]
+    args = ["--config", str(config), "--config", str(mini_preset(config)), "--data.init_args.root", str(mini_root)]
+    if mini_preset(config).name == "mini_zero_shot.yaml":
+        args += ["--data.init_args.flow_root", str(mini_root / "FlowImages/480p")]
+    return args
 
 
 def test_every_yaml_is_covered():
-    covered = set(TRAINER_PRESETS) | set(METHOD_CONFIGS) | {c.with_name(MINI_PRESET) for c in METHOD_CONFIGS} | set(VARIANTS)
+    covered = set(TRAINER_PRESETS) | set(METHOD_CONFIGS) | {mini_preset(c) for c in METHOD_CONFIGS} | set(VARIANTS)
     assert set(CONFIGS.rglob("*.yaml")) == covered
 
 
@@ -79,8 +89,9 @@ def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_
 # MoCo-v2's ImageNet weights, which timm does not serve: its config takes them as
 # model.weights, and without them starts from random weights, saying so).
 # GLDv2 starts from ImageNet weights (RACT, the GLDv2 recipes); its ROxford test config loads a checkpoint.
+# DAVIS (STM, LCM, HFAN) and MOT17 (FairMOT's DLA-34) start from ImageNet weights.
 PAPERS_USE_PRETRAINED = {"mvtec": True, "mvtec_adbench": True, "ms1m": False, "ucf101": False, "gldv2": True,
-                         "gldv2/revisited_eval": False, "davis": True}
+                         "gldv2/revisited_eval": False, "davis": True, "mot17": True}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -93,7 +104,7 @@ def test_paper_config_uses_the_papers_weights_and_mini_needs_no_network(config):
         return model.get("pretrained", data.get("pretrained"))
 
     assert pretrained(config) is expected
-    assert pretrained(config.with_name(MINI_PRESET)) is False
+    assert pretrained(mini_preset(config)) is False
 
 
 @pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)

@@ -64,3 +64,18 @@ def test_model_upgrades_get_their_own_table_of_self_and_cross_tests(tmp_path):
     assert rows == [["bct", "upgrade", "mAP@100_private", "50.00", "80.00", "60.00", "0.333", "visionzoo"],
                     ["bct", "upgrade", "negative flip rate", "", "", "10.00", "", "visionzoo"]]
     assert "## gldv2: model upgrades" in leaderboard.markdown(tables, {}) and "mvtec" in tables
+
+
+def test_tracking_results_show_their_headline_columns_and_counts_as_counts(tmp_path):
+    from benchmarks.leaderboard import collect_results, leaderboard_rows
+
+    run = tmp_path / "mot17/fairmot/val_half"
+    run.mkdir(parents=True)
+    metrics = {"HOTA": 0.5, "DetA": 0.4, "AssA": 0.6, "LocA": 0.8, "MOTA": 0.6, "MOTP": 0.75, "IDF1": 0.7, "IDP": 0.8,
+               "IDR": 0.6, "IDSW": 1.0, "Frag": 0.0, "MT": 3.0, "PT": 1.0, "ML": 0.0, "CLR_TP": 10.0}
+    (run / "results.json").write_text(json.dumps({"benchmark": "mot17", "method": "fairmot", "metrics": metrics,
+                                                  "dataset": {"name": "val_half"}, "time": "2026-01-01T00:00:00"}))
+    names, rows = leaderboard_rows(collect_results(tmp_path), {})["mot17"]
+    assert names[:3] == ["HOTA", "DetA", "AssA"] and "CLR_TP" not in names
+    cells = dict(zip(names, rows[0][2:]))
+    assert cells["HOTA"] == "50.00" and cells["IDSW"] == "1" and cells["MT"] == "3" and cells["Frag"] == "0"
