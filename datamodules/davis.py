@@ -18,28 +18,29 @@ numbered 0..T-1 without gaps are errors naming the file. DAVIS 2016 (``year: 201
 
 An evaluation item is one whole sequence (:class:`SequenceItem`): its frames (uint8
 [T, H, W, 3]), its annotations (uint8 [T, H, W], for the metric), the frame names, and in the
-semi-supervised task the first frame's objects (the method's input). :class:`SequenceShards`
-puts each sequence on exactly one rank, longest first.
+semi-supervised task the first frame's objects (the method's input); each is served on exactly
+one rank, longest first (:mod:`datamodules.sequences`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.metrics.davis import JAndF, Task, read_annotation, sequence_names, split_file
-from datamodules.base import EvalSet, VisionZooDataModule
+from datamodules.base import VisionZooDataModule
 from datamodules.formats.flow import flow_to_color, read_flo
 from datamodules.formats.images import read_image
 from datamodules.layout import layout_error
-from datamodules.resumable import eval_loader, loader_options, resumable_train_loader
+from datamodules.resumable import loader_options, resumable_train_loader
+from datamodules.sequences import sequence_loader
 from datamodules.vos_clips import ClipSource, SequenceRecord, VOSClips, frame_step, frame_tensor, scan_image_masks, scan_youtube_vos
 
 FRAME_NAME = re.compile(r"^\d{5}$")
@@ -129,8 +130,12 @@ class FlowFolder:
     def path(self, record: SequenceRecord, t: int) -> Path:
         return self.root / record.name / f"{record.frames[t].stem}.{self.format}"
 
-    def missing(self, records: Sequence[SequenceRecord]) -> list[str]:
-        return [str(self.path(r, t)) for r in records for t in range(len(r.frames)) if not self.path(r, t).is_file()]
+    def check(self, records: Sequence[SequenceRecord]) -> None:
+        """An error listing every frame of ``records`` without its flow."""
+        missing = [str(self.path(r, t)) for r in records for t in range(len(r.frames)) if not self.path(r, t).is_file()]
+        if missing:
+            raise layout_error("optical flow", self.root, missing, "(one flow per frame: python -m datamodules.prepare "
+                               "davis_flow computes them)")
 
     def image(self, record: SequenceRecord, t: int) -> np.ndarray:
         """The flow of frame ``t`` as an RGB image at the frame's size."""
@@ -139,44 +144,6 @@ class FlowFolder:
             raise FileNotFoundError(f"{path}: the flow of frame {t} of {record.name} is missing (python -m "
                                     "datamodules.prepare davis_flow computes it)")
         return flow_to_color(read_flo(path)) if self.format == "flo" else read_image(path)
-
-
-class SequenceShards(DistributedSampler):
-    """Each sequence on exactly one rank: longest first, each to the rank with the fewest frames
-    so far. Lightning keeps a DistributedSampler as it is; ranks may get different counts (the
-    sequence loop has no collective per sequence)."""
-
-    def __init__(self, lengths: Sequence[int], num_replicas: int, rank: int) -> None:
-        self.lengths, self.num_replicas, self.rank, self.epoch = list(lengths), num_replicas, rank, 0
-        load = [0] * num_replicas
-        shares: list[list[int]] = [[] for _ in range(num_replicas)]
-        for index in sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i)):
-            target = min(range(num_replicas), key=lambda r: (load[r], r))
-            shares[target].append(index)
-            load[target] += self.lengths[index]
-        self.indices = shares[rank]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _one_sequence(items: list[SequenceItem]) -> SequenceItem:
-    """Batches of one sequence are the sequence itself."""
-    if len(items) != 1:
-        raise ValueError("DAVIS evaluation batches hold one sequence (batch_size 1)")
-    return items[0]
-
-
-class _IndexedSequences(EvalSet):
-    """An EvalSet whose items (SequenceItem dataclasses) carry their set name and index."""
-
-    def __getitem__(self, index: int) -> SequenceItem:
-        item = self.dataset[index]
-        item.eval_set, item.index = self.name, index
-        return item
 
 
 class DAVISDataModule(VisionZooDataModule):
@@ -277,9 +244,8 @@ class DAVISDataModule(VisionZooDataModule):
         validates = stage != "fit" or self.trainer is None or self.trainer.limit_val_batches != 0
         if validates and self.sequences is None:
             records = self._records(self.split)
-            if self.flow is not None and (missing := self.flow.missing(records)):
-                raise layout_error("optical flow", self.flow.root, missing, "(one flow per frame: python -m datamodules.prepare "
-                                   "davis_flow computes them)")
+            if self.flow is not None:
+                self.flow.check(records)
             self.sequences = DAVISSequences(records, self.task, self.year, self.flow)
 
     def _clip_sources(self) -> list[ClipSource]:
@@ -316,14 +282,10 @@ class DAVISDataModule(VisionZooDataModule):
                                       **loader_options(self.batch_size, self.num_workers))
 
     def test_dataloader(self) -> DataLoader:
-        """One sequence a batch, each on one rank (:class:`SequenceShards`)."""
+        """One sequence a batch, each on one rank (:class:`~datamodules.sequences.SequenceShards`)."""
         self.setup("test")
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        dataset = _IndexedSequences(self.split, self.sequences)
         lengths = [len(record.frames) for record in self.sequences.records]
-        return eval_loader(dataset, batch_size=1, sampler=SequenceShards(lengths, world, rank), collate_fn=_one_sequence,
-                           num_workers=self.num_workers, persistent_workers=False)
+        return sequence_loader(self.split, self.sequences, lengths, self.trainer, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.test_dataloader()

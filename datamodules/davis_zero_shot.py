@@ -124,9 +124,7 @@ class ZeroShotDAVISDataModule(DAVISDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in ("fit", None) and self.train_frames is None:
             records = self._records(self.train_split, "Annotations")
-            if missing := self.flow.missing(records):
-                raise layout_error("optical flow", self.flow.root, missing, "(one flow per frame: python -m datamodules.prepare "
-                                   "davis_flow computes them)")
+            self.flow.check(records)
             parts = [FlowFrames(sequence_samples(records, self.flow), self.hparams.crop_size)]
             if self.hparams.extra_train_root:
                 parts.append(FlowFrames(folder_samples(Path(self.hparams.extra_train_root)), self.hparams.crop_size))

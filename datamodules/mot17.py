@@ -23,7 +23,7 @@ JDE's loader (albumentations: random affine with rotation ±5°, translation ±1
 0.5–1.2; brightness and saturation ±50 %; letterbox to ``image_size`` (608×1088) on grey;
 horizontal flip) and collated with a variable number of boxes per image
 (:func:`collate_frames`). Evaluation items are whole sequences (:class:`MOTSequenceItem`, frames
-read on demand), each on one rank (``SequenceShards``), scored by TrackEval
+read on demand), each on one rank (:mod:`datamodules.sequences`), scored by TrackEval
 (:class:`~benchmarks.metrics.mot.TrackEvalMetric`).
 """
 
@@ -43,11 +43,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.metrics.mot import TrackEvalMetric
-from datamodules.base import EvalSet, VisionZooDataModule
-from datamodules.davis import SequenceShards
+from datamodules.base import VisionZooDataModule
 from datamodules.formats.images import read_image
 from datamodules.layout import layout_error
-from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, resumable_train_loader
+from datamodules.resumable import AugmentationRNG, loader_options, resumable_train_loader
+from datamodules.sequences import sequence_loader
 from datamodules.vos_clips import frame_tensor
 
 SEQINFO_KEYS = ("frameRate", "seqLength", "imWidth", "imHeight", "imDir", "imExt")
@@ -275,19 +275,6 @@ class MOTSequences(Dataset):
                                [f"{t:06d}" for t in range(1, len(sequence.frames) + 1)])
 
 
-class _IndexedSequences(EvalSet):
-    def __getitem__(self, index: int) -> MOTSequenceItem:
-        item = self.dataset[index]
-        item.eval_set, item.index = self.name, index
-        return item
-
-
-def _one_sequence(items: list[MOTSequenceItem]) -> MOTSequenceItem:
-    if len(items) != 1:
-        raise ValueError("MOT evaluation batches hold one sequence (batch_size 1)")
-    return items[0]
-
-
 class MOT17DataModule(VisionZooDataModule):
     """MOT17 and other MOTChallenge-layout data (module docstring): ``protocol`` half (train on
     the first half of each training sequence, score the second) or full (train on all of
@@ -381,14 +368,10 @@ class MOT17DataModule(VisionZooDataModule):
                                       **loader_options(self.batch_size, self.num_workers))
 
     def test_dataloader(self) -> DataLoader:
-        """One sequence a batch, each on one rank (``SequenceShards``, longest first)."""
+        """One sequence a batch, each on one rank (:class:`~datamodules.sequences.SequenceShards`)."""
         self.setup("test")
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         lengths = [len(sequence.frames) for sequence in self.eval_sequences.sequences]
-        return eval_loader(_IndexedSequences(self.run_name, self.eval_sequences), batch_size=1,
-                           sampler=SequenceShards(lengths, world, rank), collate_fn=_one_sequence,
-                           num_workers=self.num_workers, persistent_workers=False)
+        return sequence_loader(self.run_name, self.eval_sequences, lengths, self.trainer, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.test_dataloader()

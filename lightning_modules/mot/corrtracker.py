@@ -24,7 +24,7 @@ same augmentation).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -33,9 +33,7 @@ from torch import Tensor, nn
 from datamodules.mot17 import letterbox
 from datamodules.vos_clips import frame_tensor
 from lightning_modules.mot.fairmot import FairMOT
-from lightning_modules.mot.tracker import TrackerOptions
 from lightning_modules.nn.correlation import SpatialCorrelation, TemporalCorrelation, reconstruction_loss
-from lightning_modules.recipe import OptimizerRecipe
 
 
 class CorrTracker(FairMOT):
@@ -46,32 +44,15 @@ class CorrTracker(FairMOT):
 
     def __init__(
         self,
-        backbone: str = "dla34",
-        pretrained: bool = True,
-        weights: Optional[str] = None,
-        deformable: bool = True,
-        head_channels: int = 256,
-        embedding_dim: int = 128,
-        num_ids: Optional[int] = None,
-        heatmap_weight: float = 1.0,
-        box_weight: float = 0.1,
-        offset_weight: float = 1.0,
-        detection_uncertainty: float = -1.85,
-        identity_uncertainty: float = -1.05,
-        top_k: int = 500,
-        detection_threshold: float = 0.4,
-        association: Literal["jde", "none"] = "jde",
-        tracker: TrackerOptions = TrackerOptions(),
         spatial_levels: tuple[int, ...] = (1, 2, 3),
         temporal_levels: tuple[int, ...] = (2, 3),
         radius: int = 3,
         reconstruction_weight: float = 1.0,
-        optim: OptimizerRecipe = OptimizerRecipe(optimizer="adam", lr=1e-4, schedule="step", milestones=(20,), gamma=0.1,
-                                                 interval="epoch"),
+        **fairmot_arguments: Any,
     ) -> None:
-        super().__init__(backbone, pretrained, weights, deformable, head_channels, embedding_dim, num_ids, heatmap_weight,
-                         box_weight, offset_weight, detection_uncertainty, identity_uncertainty, top_k, detection_threshold,
-                         association, tracker, optim)
+        """CorrTracker's levels, radius and λ; ``fairmot_arguments`` are FairMOT's (backbone,
+        heads, losses, ``tracker``, ``optim`` ...)."""
+        super().__init__(**fairmot_arguments)
         channels = self.network.level_channels
         for level in (*spatial_levels, *temporal_levels):
             if not 0 <= level < len(channels):

@@ -31,8 +31,9 @@ relation map plus a gated object-value projection of 64 channels.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning_modules.nn.lcm import LCMNetwork
-from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.vos.stm import STM
 
 
@@ -44,25 +45,17 @@ class LCM(STM):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        pretrained: bool = True,
-        weights: str | None = None,
-        key_dim: int = 128,
-        value_dim: int = 512,
-        decoder_dim: int = 256,
-        memory_every: int = 5,
-        freeze_batchnorm: bool = True,
         position_guidance: bool = True,
         object_relation: bool = True,
         position_key_dim: int = 64,
         position_temperature: float = 100.0,
         position_scale: float = 3.0,
         relation_dim: int = 64,
-        init_checkpoint: str | None = None,
-        optim: OptimizerRecipe = OptimizerRecipe(optimizer="adam", lr=1e-5, schedule="polynomial", power=0.9),
+        **stm_arguments: Any,
     ) -> None:
-        super().__init__(backbone, pretrained, weights, key_dim, value_dim, decoder_dim, memory_every, freeze_batchnorm,
-                         init_checkpoint, optim)
+        """LCM's own switches and sizes; ``stm_arguments`` are STM's (backbone, key/value sizes,
+        memory interval, ``optim`` ...)."""
+        super().__init__(**stm_arguments)
 
     def build_network(self) -> LCMNetwork:
         h = self.hparams

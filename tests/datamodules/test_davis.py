@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.metrics.davis import score_results_folder, sequence_names
-from datamodules.davis import DAVISDataModule, SequenceShards
+from datamodules.davis import DAVISDataModule
+from datamodules.sequences import SequenceShards
 
 
 def test_sequences_are_served_whole_with_the_first_frame_masks(mini_davis):
