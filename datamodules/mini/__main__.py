@@ -48,41 +48,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         write=lambda args: ms1m.write_ms1m(args.out, num_identities=args.identities, seed=args.seed)
     )
 
-    parser_ucf101 = benchmarks.add_parser("ucf101", help="mini UCF101 (synthetic moving shapes, .avi)")
-    parser_ucf101.add_argument("out", type=Path)
-    parser_ucf101.add_argument("--seed", type=int, default=0)
-    parser_ucf101.set_defaults(write=lambda args: ucf101.write_ucf101(args.out, seed=args.seed))
-
-    parser_gldv2 = benchmarks.add_parser("gldv2", help="mini GLDv2 (synthetic landmarks, CSV files, hashed tree)")
-    parser_gldv2.add_argument("out", type=Path)
-    parser_gldv2.add_argument("--seed", type=int, default=0)
-    parser_gldv2.set_defaults(write=lambda args: landmarks.write_gldv2(args.out, seed=args.seed))
-
     parser_revisited = benchmarks.add_parser("revisited", help="mini ROxford5k / RParis6k + R1M distractors")
     parser_revisited.add_argument("out", type=Path)
     parser_revisited.add_argument("--seed", type=int, default=0)
     parser_revisited.add_argument("--dataset", choices=["roxford5k", "rparis6k"], default="roxford5k")
     parser_revisited.set_defaults(write=lambda args: landmarks.write_revisited(args.out, seed=args.seed, dataset=args.dataset))
 
-    parser_davis = benchmarks.add_parser("davis", help="mini DAVIS 2017 layout (synthetic textured objects moving)")
-    parser_davis.add_argument("out", type=Path)
-    parser_davis.add_argument("--seed", type=int, default=0)
-    parser_davis.set_defaults(write=lambda args: davis.write_davis(args.out, seed=args.seed))
-
-    parser_youtube = benchmarks.add_parser("youtube_vos", help="mini YouTube-VOS train/ (annotated every 5th frame)")
-    parser_youtube.add_argument("out", type=Path)
-    parser_youtube.add_argument("--seed", type=int, default=0)
-    parser_youtube.set_defaults(write=lambda args: davis.write_youtube_vos(args.out, seed=args.seed))
-
-    parser_images = benchmarks.add_parser("vos_images", help="mini images/ + masks/ folder (STM's static-image stage)")
-    parser_images.add_argument("out", type=Path)
-    parser_images.add_argument("--seed", type=int, default=0)
-    parser_images.set_defaults(write=lambda args: davis.write_image_masks(args.out, seed=args.seed))
-
-    parser_mot17 = benchmarks.add_parser("mot17", help="mini MOT17 (textured walkers, MOTChallenge layout)")
-    parser_mot17.add_argument("out", type=Path)
-    parser_mot17.add_argument("--seed", type=int, default=0)
-    parser_mot17.set_defaults(write=lambda args: mot17.write_mot17(args.out, seed=args.seed))
+    # The writers that take only the output folder and a seed.
+    simple = {
+        "ucf101": ("mini UCF101 (synthetic moving shapes, .avi)", ucf101.write_ucf101),
+        "gldv2": ("mini GLDv2 (synthetic landmarks, CSV files, hashed tree)", landmarks.write_gldv2),
+        "davis": ("mini DAVIS 2017 layout (synthetic textured objects moving) with each frame's flow", davis.write_davis),
+        "youtube_vos": ("mini YouTube-VOS train/ (annotated every 5th frame)", davis.write_youtube_vos),
+        "vos_images": ("mini images/ + masks/ folder (STM's static-image stage)", davis.write_image_masks),
+        "mot17": ("mini MOT17 (textured walkers, MOTChallenge layout)", mot17.write_mot17),
+    }
+    for name, (help_text, writer) in simple.items():
+        sub = benchmarks.add_parser(name, help=help_text)
+        sub.add_argument("out", type=Path)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.set_defaults(write=lambda args, writer=writer: writer(args.out, seed=args.seed))
 
     args = parser.parse_args(argv)
     print(_summary(args.write(args)))
