@@ -40,7 +40,8 @@ def test_a_target_is_found_again_after_an_occlusion_within_the_buffer():
         before = run(tracker, t, [0, 1])
     for t in range(10, 20):  # target 1 hidden for 10 frames
         hidden = run(tracker, t, [0])
-        assert 1 not in hidden
+        assert hidden == {0: before[0]}  # only target 0 is output, under its id
+        assert [track.track_id for track in tracker.lost] == [before[1]]  # target 1 is kept as lost, not dropped
     after = run(tracker, 20, [0, 1])
     assert after == before
 
