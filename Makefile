@@ -14,7 +14,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,crf]"
 	$(BIN)/python -m pip install --quiet --no-deps trackeval==$(TRACKEVAL_VERSION)
 	$(BIN)/python -c "import torch, torchvision, timm, lightning; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| lightning', lightning.__version__)"
 	$(MAKE) --no-print-directory ffmpeg

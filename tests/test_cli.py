@@ -20,7 +20,8 @@ from conftest import CONFIGS, REPO
 
 MINI_PRESET = "mini.yaml"
 # Methods whose mini preset is not their benchmark's mini.yaml (the zero-shot DAVIS methods read flow).
-OWN_PRESETS = {"davis/hfan_mitb1": "mini_zero_shot.yaml"}
+OWN_PRESETS = {"davis/hfan_mitb1": "mini_zero_shot.yaml", "davis/hcpn": "mini_frame_pairs.yaml",
+               "davis/hgpu": "mini_frame_pairs.yaml"}
 PRESETS = {MINI_PRESET, *OWN_PRESETS.values()}
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 METHOD_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "trainer" and p.name not in PRESETS)
@@ -38,7 +39,7 @@ def mini_preset(config: Path) -> Path:
 
 def _mini_args(config: Path, mini_root: Path) -> list[str]:
     args = ["--config", str(config), "--config", str(mini_preset(config)), "--data.init_args.root", str(mini_root)]
-    if mini_preset(config).name == "mini_zero_shot.yaml":
+    if mini_preset(config).name in ("mini_zero_shot.yaml", "mini_frame_pairs.yaml"):
         args += ["--data.init_args.flow_root", str(mini_root / "FlowImages/480p")]
     return args
 

@@ -57,18 +57,19 @@ def memory_frames(t: int, memory_every: int) -> list[int]:
 
 
 def load_network_weights(network: nn.Module, path: str) -> None:
-    """The ``network.*`` weights of a visionzoo STM/LCM checkpoint into ``network``. A weight the
+    """The ``network.*`` weights of a visionzoo checkpoint of an earlier training stage (STM, LCM,
+    HCPN, HGPU) into ``network``. A weight the
     checkpoint lacks or holds in another shape (LCM's modules and its wider decoder input when
     starting from STM) keeps its initialisation, listed in the log; a checkpoint weight the network
     does not have is an error (another architecture or size)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"model.init_checkpoint {file}: no such file; expected a checkpoint of an earlier STM/LCM "
+        raise FileNotFoundError(f"model.init_checkpoint {file}: no such file; expected a checkpoint of an earlier training "
                                 "stage (runs/davis/<method>/<run>/checkpoints/last.ckpt)")
     state = torch.load(file, map_location="cpu", weights_only=False).get("state_dict", {})
     weights = {key[len("network."):]: value for key, value in state.items() if key.startswith("network.")}
     if not weights:
-        raise ValueError(f"model.init_checkpoint {file}: no 'network.*' weights; expected a visionzoo STM or LCM checkpoint")
+        raise ValueError(f"model.init_checkpoint {file}: no 'network.*' weights; expected a visionzoo checkpoint of this method")
     own = network.state_dict()
     unknown = sorted(weights.keys() - own.keys())
     if unknown:
