@@ -56,6 +56,8 @@ from datamodules.resumable import AugmentationRNG, eval_loader, loader_options, 
 log = logging.getLogger(__name__)
 
 LABEL_MAP = "label_map.json"
+#: The training images of an old/new split (``class_fraction`` or ``image_fraction`` < 1), in the run directory.
+TRAINING_SPLIT = "training_split.csv"
 MISSING_LISTED = 5
 
 
@@ -186,7 +188,9 @@ class GLDv2DataModule(RetrievalDataModule):
     """Google Landmarks v2 (module docstring). ``train_file``: ``train_clean.csv`` (GLDv2-clean) or
     ``train.csv``; ``class_fraction`` < 1 trains on the first fraction of the landmarks by id and
     ``image_fraction`` < 1 on the first fraction of each landmark's images (the old model of a
-    compatibility experiment: RACT's split by class and split by data); ``queries``: ``solution``
+    compatibility experiment: RACT's split by class and split by data), or with ``split_seed`` a
+    random such share drawn with that seed; the images of such a split are written to
+    ``<run dir>/training_split.csv``; ``queries``: ``solution``
     (the Public and Private queries, enough for the metric) or ``all`` (every ``test.csv`` image,
     for a complete Kaggle file). ``image_size`` 224 and the crop area are RACT's."""
 
@@ -198,6 +202,7 @@ class GLDv2DataModule(RetrievalDataModule):
         train_file: Literal["train_clean.csv", "train.csv"] = "train_clean.csv",
         class_fraction: float = 1.0,
         image_fraction: float = 1.0,
+        split_seed: Optional[int] = None,
         skip_missing: bool = False,
         queries: Literal["solution", "all"] = "solution",
         recognition: bool = False,
@@ -225,7 +230,10 @@ class GLDv2DataModule(RetrievalDataModule):
         name = Path(self.train_file).stem
         if self.class_fraction < 1.0:
             name += f"_{self.class_fraction:g}"
-        return name if self.image_fraction == 1.0 else f"{name}_images{self.image_fraction:g}"
+        if self.image_fraction < 1.0:
+            name += f"_images{self.image_fraction:g}"
+        seeded = self.hparams.split_seed is not None and (self.class_fraction < 1.0 or self.image_fraction < 1.0)
+        return f"{name}_seed{self.hparams.split_seed}" if seeded else name
 
     def _check_layout(self, files: Sequence[str]) -> None:
         missing = [f"{name}: {self.root / name}" for name in files if not (self.root / name).is_file()]
@@ -237,15 +245,21 @@ class GLDv2DataModule(RetrievalDataModule):
     def _training_list(self) -> list[tuple[str, int]]:
         self._check_layout([self.train_file])
         samples = read_training_list(self.root / self.train_file)
+        rng = np.random.default_rng(self.hparams.split_seed) if self.hparams.split_seed is not None else None
+
+        def first(items: list, fraction: float) -> list:
+            """The first ``fraction`` of ``items``, or with ``split_seed`` a random such share."""
+            items = list(items) if rng is None else [items[i] for i in rng.permutation(len(items))]
+            return items[: max(1, round(fraction * len(items)))]
+
         if self.class_fraction < 1.0:
-            landmarks = sorted({landmark for _, landmark in samples})
-            kept = set(landmarks[: max(1, round(self.class_fraction * len(landmarks)))])
+            kept = set(first(sorted({landmark for _, landmark in samples}), self.class_fraction))
             samples = [(i, landmark) for i, landmark in samples if landmark in kept]
         if self.image_fraction < 1.0:
             per_landmark: dict[int, list[str]] = {}
             for identifier, landmark in samples:
                 per_landmark.setdefault(landmark, []).append(identifier)
-            kept_images = {i for ids in per_landmark.values() for i in ids[: max(1, round(self.image_fraction * len(ids)))]}
+            kept_images = {i for landmark in sorted(per_landmark) for i in first(per_landmark[landmark], self.image_fraction)}
             samples = [(i, landmark) for i, landmark in samples if i in kept_images]
         return samples
 
@@ -270,6 +284,7 @@ class GLDv2DataModule(RetrievalDataModule):
 
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root.resolve()), "train_file": self.train_file, "class_fraction": self.class_fraction, "image_fraction": self.image_fraction,
+                "split_seed": self.hparams.split_seed,
                 "num_classes": self.num_classes, "missing_training_images": self.num_missing,
                 "queries": self.queries, "recognition": self.recognition, "split": "retrieval_solution_v2.1"}
 
@@ -281,6 +296,9 @@ class GLDv2DataModule(RetrievalDataModule):
             if run_dir is not None and self.trainer.is_global_zero:
                 Path(run_dir).mkdir(parents=True, exist_ok=True)
                 (Path(run_dir) / LABEL_MAP).write_text(json.dumps({str(l): c for c, l in enumerate(self.landmark_ids)}))
+                if self.class_fraction < 1.0 or self.image_fraction < 1.0:
+                    (Path(run_dir) / TRAINING_SPLIT).write_text(
+                        "id,landmark_id\n" + "".join(f"{i},{landmark}\n" for i, landmark in self._training_list))
         self.eval_sets()
 
     def _training_images(self) -> LandmarkTrainingImages:

@@ -98,3 +98,29 @@ def trained_mini_fairmot(mini_mot17, tmp_path_factory) -> Path:
     finally:
         os.chdir(previous)
     return folder
+
+
+def gldv2_args(method_config: str, root: Path) -> list[str]:
+    """A GLDv2 method config with the mini preset on the CPU."""
+    return ["--config", str(CONFIGS / f"gldv2/{method_config}.yaml"), "--config", str(CONFIGS / "gldv2/mini.yaml"),
+            "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(root)]
+
+
+@pytest.fixture(scope="session")
+def mini_gldv2_old_model(mini_gldv2, tmp_path_factory) -> Path:
+    """The old model of the compatible-upgrade tests: the baseline on 40 % of each landmark's
+    photos of the mini GLDv2 (RACT's split by data; the mini preset, 25 epochs, about 15 CPU
+    seconds). Its ``last.ckpt``."""
+    import os
+
+    from lightning_modules.cli import VisionZooCLI
+
+    folder = tmp_path_factory.mktemp("gldv2_old")
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        VisionZooCLI(args=["fit", *gldv2_args("baseline_r50", mini_gldv2), "--data.init_args.image_fraction", "0.4",
+                           "--run_name", "old"])
+    finally:
+        os.chdir(previous)
+    return folder / "runs/gldv2/arcface/old/checkpoints/last.ckpt"

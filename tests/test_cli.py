@@ -62,15 +62,18 @@ def test_a_recipe_variant_stacks_on_its_method_configs(variant, base, mini_data,
     assert cli.trainer.max_epochs == expected["trainer"]["max_epochs"]
 
 
+NEEDS_OLD_MODEL = {"gldv2/bct_r50", "gldv2/ract_r50", "gldv2/advbct_r18", "gldv2/unibct_r50"}
+
+
 def _instantiation_args(config: Path, mini_data: Path) -> list[str]:
     """The config with its mini preset; the ROxford test config (no preset: it only tests) on the
-    mini ROxford5k; BCT with an old model of one training step."""
+    mini ROxford5k; the compatible upgrades with an old model of one training step."""
     name = f"{config.parent.name}/{config.stem}"
     if name == "gldv2/revisited_eval":
         return ["--config", str(config), "--data.init_args.root", str(mini_data / "revisited"),
                 "--model.init_args.backbone", "test_resnet", "--model.init_args.embedding_size", "64"]
     args = _mini_args(config, mini_data / config.parent.name)
-    if name == "gldv2/bct_r50":
+    if name in NEEDS_OLD_MODEL:
         old = VisionZooCLI(args=["fit", *_mini_args(CONFIGS / "gldv2/baseline_r50.yaml", mini_data / "gldv2"), "--config",
                                  str(CONFIGS / "trainer/cpu.yaml"), "--trainer.max_steps", "1", "--run_name", "old"])
         args += ["--model.init_args.old_checkpoint", str(Path(old.trainer.default_root_dir) / "checkpoints/last.ckpt")]

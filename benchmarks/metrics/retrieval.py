@@ -465,11 +465,14 @@ class RetrievalMetric(BenchmarkMetric):
     def __init__(self, protocol: RetrievalProtocol, search_options: SearchOptions = SearchOptions()) -> None:
         self.protocol, self.search_options = protocol, search_options
 
-    def query_scores(self, sets: Mapping[str, Rows], query_field: str, gallery_field: str) -> QueryScores:
+    def query_scores(self, sets: Mapping[str, Rows], query_field: str, gallery_field: str | np.ndarray) -> QueryScores:
+        """The protocol's per-query scores of the ``query_field`` features of the query set in the
+        gallery set's ``gallery_field`` features (or the given gallery features, one per row)."""
         queries, gallery = _set_rows(sets, self.protocol.query_set), _set_rows(sets, self.protocol.gallery_set)
+        features = gallery[gallery_field] if isinstance(gallery_field, str) else gallery_field
         start = time.perf_counter()
-        _, neighbours = search(queries[query_field], gallery[gallery_field], self.protocol.depth, self.search_options)
-        log.info("searched %d queries in %d gallery features (%s) in %.3f s", len(neighbours), len(gallery[gallery_field]),
+        _, neighbours = search(queries[query_field], features, self.protocol.depth, self.search_options)
+        log.info("searched %d queries in %d gallery features (%s) in %.3f s", len(neighbours), len(features),
                  self.search_options.index, time.perf_counter() - start)
         return self.protocol.score_queries(neighbours, as_array(queries[INDEX], np.int64), as_array(gallery[INDEX], np.int64))
 
@@ -487,13 +490,30 @@ class CompatibilityOptions:
 
     flip_predicate: Literal["top1", "ap"] = "top1"
     oracle_self_test: dict[str, float] = field(default_factory=dict)
+    refresh_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    refresh_order: Literal["random", "uncertainty"] = "random"
+    refresh_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "refresh_ratios", tuple(float(r) for r in self.refresh_ratios))  # a list from YAML
+        if any(not 0.0 <= r <= 1.0 for r in self.refresh_ratios):
+            raise ValueError(f"compatibility.refresh_ratios must lie in [0, 1], got {list(self.refresh_ratios)}")
+        if self.refresh_order not in ("random", "uncertainty"):
+            raise ValueError(f"compatibility.refresh_order must be 'random' or 'uncertainty', got {self.refresh_order!r}")
 
 
 class CompatibilityMetric(RetrievalMetric):
     """A model upgrade in one pass: ``embedding`` (the new model) and ``old_embedding`` of every
     item give ``new_new/<metric>``, ``old_old/<metric>`` and ``new_old/<metric>`` (new queries, old
     gallery), ``update_gain/<metric>`` = (M(new, old) - M(old, old)) / (M(new*, new*) - M(old, old))
-    (BCT), and ``negative_flip_rate`` = |{q: correct with old/old, wrong with new/old}| / |Q|."""
+    (BCT), and ``negative_flip_rate`` = |{q: correct with old/old, wrong with new/old}| / |Q|.
+
+    Hot refresh (RACT): the new model answers the queries while the gallery is backfilled, a
+    fraction r of its items (``refresh_ratios``) re-embedded by the new model, the others still
+    old; ``hot_refresh@<r>/<primary metric>`` and ``hot_refresh@<r>/negative_flip_rate`` (against
+    old/old) at each r. The items are backfilled in a random order (``refresh_seed``) or, with
+    ``refresh_order: uncertainty``, the most uncertain old features first (the ``old_uncertainty``
+    field of the gallery rows, the model's: a reconstruction, RACT's measure is not published)."""
 
     fields = ("embedding", "old_embedding")
 
@@ -501,24 +521,56 @@ class CompatibilityMetric(RetrievalMetric):
                  options: CompatibilityOptions = CompatibilityOptions()) -> None:
         super().__init__(protocol, search_options)
         self.options = options
+        if options.refresh_order == "uncertainty":
+            self.fields = (*self.fields, "old_uncertainty")
 
     def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
-        pairs = {"old_old": ("old_embedding", "old_embedding"), "new_old": ("embedding", "old_embedding"),
-                 "new_new": ("embedding", "embedding")}  # new/new last: GLDv2's Kaggle rankings are the new model's
-        scores = {name: self.query_scores(sets, *fields) for name, fields in pairs.items()}
+        scores = {"old_old": self.query_scores(sets, "old_embedding", "old_embedding"),
+                  "new_old": self.query_scores(sets, "embedding", "old_embedding")}
+        refresh = self.hot_refresh(sets, scores["old_old"])
+        scores["new_new"] = self.query_scores(sets, "embedding", "embedding")  # last: GLDv2's Kaggle rankings are the new model's
         combined = {name: self.protocol.combine(s) for name, s in scores.items()}
         results = {f"{name}/{metric}": value for name, values in combined.items() for metric, value in values.items()}
         for metric, old in combined["old_old"].items():
             oracle = self.options.oracle_self_test.get(metric, combined["new_new"][metric])
             gap = oracle - old
             results[f"update_gain/{metric}"] = (combined["new_old"][metric] - old) / gap if abs(gap) > 1e-12 else math.nan
-        old, upgraded = scores["old_old"], scores["new_old"]
+        results["negative_flip_rate"] = self.flip_rate(scores["old_old"], scores["new_old"])
+        return results | refresh
+
+    def flip_rate(self, old: QueryScores, upgraded: QueryScores) -> float:
+        """The fraction of queries right with ``old`` and wrong with ``upgraded`` (``flip_predicate``)."""
         if self.options.flip_predicate == "top1":
             flips = old.hit & ~upgraded.hit
         else:
             before, after = old.values[old.primary], upgraded.values[old.primary]
             flips = np.nan_to_num(after, nan=0.0) < np.nan_to_num(before, nan=0.0)
-        results["negative_flip_rate"] = float(flips.mean())
+        return float(flips.mean())
+
+    def backfill_order(self, gallery: Rows) -> np.ndarray:
+        """The gallery rows in the order they are re-embedded (class docstring)."""
+        size = len(gallery["embedding"])
+        if self.options.refresh_order == "uncertainty":
+            if "old_uncertainty" not in gallery:
+                raise ValueError("compatibility.refresh_order uncertainty needs the old_uncertainty of every gallery item "
+                                 "(a retrieval model with an old_checkpoint computes it)")
+            return np.argsort(-as_array(gallery["old_uncertainty"]), kind="stable")
+        return np.random.default_rng(self.options.refresh_seed).permutation(size)
+
+    def hot_refresh(self, sets: Mapping[str, Rows], old_old: QueryScores) -> dict[str, float]:
+        if not self.options.refresh_ratios:
+            return {}
+        gallery = _set_rows(sets, self.protocol.gallery_set)
+        old_features, new_features = as_array(gallery["old_embedding"]), as_array(gallery["embedding"])
+        order = self.backfill_order(gallery)
+        results = {}
+        for ratio in self.options.refresh_ratios:
+            mixed = old_features.copy()
+            refreshed = order[: int(round(ratio * len(order)))]
+            mixed[refreshed] = new_features[refreshed]
+            scores = self.query_scores(sets, "embedding", mixed)
+            results[f"hot_refresh@{ratio:.2f}/{scores.primary}"] = self.protocol.combine(scores)[scores.primary]
+            results[f"hot_refresh@{ratio:.2f}/negative_flip_rate"] = self.flip_rate(old_old, scores)
         return results
 
 

@@ -40,8 +40,12 @@ class GeMEmbedding(nn.Module):
         self.whiten = nn.Linear(num_features, embedding_size)
         self.bn = nn.BatchNorm1d(embedding_size)
 
+    def features(self, images: Tensor) -> Tensor:
+        """The embedding before its L2 normalisation (the BatchNorm's output)."""
+        return self.bn(self.whiten(self.pool(self.backbone(images))))
+
     def forward(self, images: Tensor) -> Tensor:
-        return F.normalize(self.bn(self.whiten(self.pool(self.backbone(images)))), dim=1)
+        return F.normalize(self.features(images), dim=1)
 
 
 def multi_scale(embed: nn.Module, images: Tensor, scales: Sequence[float]) -> Tensor:

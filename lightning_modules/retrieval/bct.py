@@ -74,16 +74,18 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         keep_out_of_ddp(self, ["old_softmax.weight"] + [f"old_softmax.head.{n}" for n, _ in head.named_buffers()])
 
     def on_fit_start(self) -> None:
+        self.old_softmax.weight.data.copy_(self.old_classifier_rows().to(self.old_softmax.weight))
+
+    def old_classifier_rows(self) -> Tensor:
+        """This rank's rows of the frozen classifier of the influence loss (module docstring, 2)."""
         landmarks = self.trainer.datamodule.landmark_ids
         old_rows = old_centres(self.old_checkpoint)
         old_class = {landmark: c for c, landmark in enumerate(old_landmark_ids(self.old_checkpoint))}
-        start, end = self.old_softmax.start, self.old_softmax.end
         means = self.new_class_means([c for c, landmark in enumerate(landmarks) if landmark not in old_class])
-        rows = torch.stack([old_rows[old_class[landmarks[c]]] if landmarks[c] in old_class else means[c]
-                            for c in range(start, end)])
-        self.old_softmax.weight.data.copy_(rows.to(self.old_softmax.weight))
         log.info("BCT: %d of the %d new classes are the old model's; the others use their mean old feature",
                  sum(landmark in old_class for landmark in landmarks), len(landmarks))
+        return torch.stack([old_rows[old_class[landmarks[c]]] if landmarks[c] in old_class else means[c]
+                            for c in range(self.old_softmax.start, self.old_softmax.end)])
 
     @torch.no_grad()
     def new_class_means(self, classes: list[int]) -> dict[int, Tensor]:

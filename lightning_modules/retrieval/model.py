@@ -18,7 +18,8 @@ embeddings (the common GLDv2-clean recipe; RACT's ``model/resnet_gem.py`` and ``
 4. With ``old_checkpoint`` (a model upgrade), every image is also embedded by the old model,
    frozen, and the test reports the compatibility table
    (:class:`~benchmarks.metrics.retrieval.CompatibilityMetric`): self-tests, cross-test, update
-   gain and negative flip rate. BCT (:mod:`lightning_modules.retrieval.bct`) trains with it.
+   gain, negative flip rate, and the hot-refresh curve (mAP and flips as the gallery is
+   backfilled). BCT (:mod:`lightning_modules.retrieval.bct`) trains with it.
 
 Recipe defaults, RACT's ``config.json`` and ``model/build.py``: SGD lr 0.1 (for a batch of 128 a
 GPU), momentum 0.9, weight decay 1e-4, one warm-up epoch from 1e-3 of the lr, a cosine to 1e-2 of
@@ -167,10 +168,21 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
         outputs = {"embedding": self.embed(batch["image"]).float()}
         if self.old_model is not None:
             outputs["old_embedding"] = self.old_model.embed(batch["image"]).float()
+            if self.compatibility.refresh_order == "uncertainty":
+                outputs["old_uncertainty"] = self.old_uncertainty(outputs["old_embedding"])
         if outputs["embedding"].is_cuda:
             torch.cuda.synchronize()
         self._extraction = [self._extraction[0] + time.perf_counter() - started, self._extraction[1] + len(batch["image"])]
         return outputs
+
+    def old_uncertainty(self, old_features: Tensor) -> Tensor:
+        """How uncertain the old model is of each of its features, for hot refresh's
+        uncertainty-first backfilling: 1 − the cosine to the nearest old class centre. A
+        reconstruction (RACT's measure is not published, card 7)."""
+        if getattr(self, "_old_unit_centres", None) is None:
+            self._old_unit_centres = torch.nn.functional.normalize(old_centres(self.old_checkpoint).float(), dim=1)
+        centres = self._old_unit_centres.to(old_features.device)
+        return 1.0 - (old_features @ centres.T).max(dim=1).values
 
     def _start(self, stage: Stage) -> None:
         super()._start(stage)

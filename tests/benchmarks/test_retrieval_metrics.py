@@ -187,3 +187,32 @@ def test_compatibility_report_self_cross_update_gain_and_flip_rate():
     ap_flips = CompatibilityMetric(protocol, options=CompatibilityOptions(flip_predicate="ap")).combine(sets)
     assert ap_flips["negative_flip_rate"] == pytest.approx(1 / 3)
     assert protocol.rankings["q2"][0] == "g2"  # the Kaggle rankings are the new model's own
+
+
+def test_hot_refresh_backfills_the_gallery_in_order_and_reports_map_and_flips_at_each_ratio():
+    """Four queries, each with one relevant gallery item among four. A new query has similarity 1
+    with its item's new feature and -1 with its old one (0 with the others), so its item is first
+    (AP 1, a top-1 hit) once refreshed and last (AP 1/4) before. Old/old gets queries 0 and 1
+    right, so the flips at r are those of 0, 1 not yet refreshed. Uncertainty-first refreshes the
+    items by decreasing old_uncertainty."""
+    eye = torch.eye(4)
+    gallery_old, gallery_new = -eye, eye.clone()
+    query_old = -torch.stack([eye[0], eye[1], eye[3], eye[2]])
+    query_new = eye.clone()
+    solution = {"public": {}, "private": {f"q{i}": [f"g{i}"] for i in range(4)}}
+    protocol = GLDv2Protocol([f"q{i}" for i in range(4)], [f"g{i}" for i in range(4)], solution, precision_ks=(1,))
+    uncertainty = torch.tensor([0.1, 0.9, 0.5, 0.2])  # refresh order 1, 2, 3, 0
+    sets = {"test": {"embedding": query_new, "old_embedding": query_old, "index": torch.arange(4)},
+            "index": {"embedding": gallery_new, "old_embedding": gallery_old, "old_uncertainty": uncertainty,
+                      "index": torch.arange(4)}}
+    options = CompatibilityOptions(refresh_order="uncertainty", refresh_ratios=(0.0, 0.25, 0.5, 1.0))
+    values = CompatibilityMetric(protocol, options=options).combine(sets)
+    for ratio, right, flips in ((0.0, set(), {0, 1}), (0.25, {1}, {0}), (0.5, {1, 2}, {0}), (1.0, {0, 1, 2, 3}, set())):
+        assert values[f"hot_refresh@{ratio:.2f}/mAP@100_private"] == pytest.approx((len(right) + (4 - len(right)) / 4) / 4)
+        assert values[f"hot_refresh@{ratio:.2f}/negative_flip_rate"] == pytest.approx(len(flips) / 4), ratio
+    assert protocol.rankings["q0"][0] == "g0"  # the Kaggle rankings are still the new model's own
+    random = CompatibilityMetric(protocol, options=CompatibilityOptions(refresh_seed=3)).backfill_order(sets["index"])
+    assert sorted(random.tolist()) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(random, np.random.default_rng(3).permutation(4))
+    with pytest.raises(ValueError, match="refresh_ratios must lie in"):
+        CompatibilityOptions(refresh_ratios=(0.5, 1.5))

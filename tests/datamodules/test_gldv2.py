@@ -109,3 +109,26 @@ def test_revisited_layout_errors_name_what_is_missing(mini_revisited, tmp_path):
     (root / "roxford5k/jpg/roxford5k_000003.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="roxford5k_000003.jpg"):
         RevisitedDataModule(str(root)).setup("test")
+
+
+def test_old_new_splits_are_drawn_by_seed_and_written_to_the_run_directory(mini_gldv2, tmp_path):
+    full = GLDv2DataModule(str(mini_gldv2), num_workers=0)
+    by_class = [GLDv2DataModule(str(mini_gldv2), class_fraction=0.3, split_seed=seed) for seed in (0, 0, 1)]
+    assert by_class[0].landmark_ids == by_class[1].landmark_ids != by_class[2].landmark_ids
+    assert len(by_class[0].landmark_ids) == 12 and set(by_class[0].landmark_ids) < set(full.landmark_ids)
+    assert by_class[0].landmark_ids != full.landmark_ids[:12] and by_class[0].run_name == "train_clean_0.3_seed0"
+    by_data = GLDv2DataModule(str(mini_gldv2), image_fraction=0.4, split_seed=3)
+    per_landmark = {}
+    for identifier, landmark in by_data._training_list:
+        per_landmark.setdefault(landmark, []).append(identifier)
+    assert by_data.landmark_ids == full.landmark_ids and all(len(ids) == 2 for ids in per_landmark.values())  # 5 photos each
+    first = GLDv2DataModule(str(mini_gldv2), image_fraction=0.4)._training_list
+    assert set(by_data._training_list) != set(first)
+
+    class Trainer:
+        default_root_dir, is_global_zero = str(tmp_path / "run"), True
+
+    by_data.trainer = Trainer()
+    by_data.setup("fit")
+    rows = (tmp_path / "run/training_split.csv").read_text().splitlines()
+    assert rows[0] == "id,landmark_id" and sorted(rows[1:]) == sorted(f"{i},{l}" for i, l in by_data._training_list)

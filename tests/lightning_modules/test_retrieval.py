@@ -16,7 +16,7 @@ from lightning_modules.cli import VisionZooCLI
 from lightning_modules.nn.gem import GeM, multi_scale
 from lightning_modules.retrieval.model import LandmarkRetrieval
 
-from conftest import CONFIGS
+from conftest import CONFIGS, gldv2_args
 
 
 def test_gem_on_hand_worked_maps():
@@ -41,11 +41,6 @@ def test_multi_scale_features_are_the_normalised_sum_over_scales():
         torch.testing.assert_close(multi_scale(model, images, (0.5, 1.0)), expected)
 
 
-def _args(name: str, root: Path) -> list[str]:
-    return ["--config", str(CONFIGS / f"gldv2/{name}.yaml"), "--config", str(CONFIGS / "gldv2/mini.yaml"),
-            "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(root)]
-
-
 def _metrics(run: str) -> dict[str, float]:
     return json.loads((Path("runs/gldv2") / run / "results.json").read_text())["metrics"]
 
@@ -61,7 +56,7 @@ def test_baseline_learns_the_mini_landmarks_and_its_kaggle_file_scores_the_same(
     """25 epochs of the mini preset (about 10 s); measured mAP@100 0.83 against 0.43 (Public) and
     0.53 (Private) of the untrained model; recognition GAP 0.67 (Public) and 0.83 (Private) against 0.01 untrained."""
     monkeypatch.chdir(tmp_path)
-    args = _args("baseline_r50", mini_gldv2)
+    args = gldv2_args("baseline_r50", mini_gldv2)
     VisionZooCLI(args=["fit", *args])
     run = Path("runs/gldv2/arcface/train_clean")
     assert json.loads((run / "label_map.json").read_text())["10"] == 1
@@ -98,7 +93,7 @@ def test_baseline_learns_the_mini_landmarks_and_its_kaggle_file_scores_the_same(
 
 def test_an_old_model_of_another_embedding_size_is_an_error(mini_gldv2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = _args("baseline_r50", mini_gldv2)
+    args = gldv2_args("baseline_r50", mini_gldv2)
     VisionZooCLI(args=["fit", *args, "--trainer.max_steps", "1", "--run_name", "old"])
     old = "runs/gldv2/arcface/old/checkpoints/last.ckpt"
     with pytest.raises(ValueError, match="embeds in 64 dimensions, this model in 32"):
@@ -108,7 +103,8 @@ def test_an_old_model_of_another_embedding_size_is_an_error(mini_gldv2, tmp_path
 
 
 @pytest.mark.slow
-def test_bct_upgrade_searches_the_old_gallery_better_than_the_old_model(mini_gldv2, tmp_path, monkeypatch):
+def test_bct_upgrade_searches_the_old_gallery_better_than_the_old_model(mini_gldv2, mini_gldv2_old_model, tmp_path,
+                                                                      monkeypatch):
     """RACT's split by data: the old model trained on 40 % of each landmark's photos, the new
     models, from another seed, on all of them: one on its own, one with BCT's influence loss.
     Measured (mAP@100 over the 40 queries): old/old 0.55; independent new/new 0.80 but new/old
@@ -116,9 +112,8 @@ def test_bct_upgrade_searches_the_old_gallery_better_than_the_old_model(mini_gld
     better than the old model's own, BCT's compatibility criterion. (With a 10-epoch old model the
     BCT cross-test, 0.26, stays under the old self-test, 0.33.)"""
     monkeypatch.chdir(tmp_path)
-    baseline, bct = _args("baseline_r50", mini_gldv2), _args("bct_r50", mini_gldv2)
-    VisionZooCLI(args=["fit", *baseline, "--data.init_args.image_fraction", "0.4", "--run_name", "old"])
-    old = ["--model.init_args.old_checkpoint", "runs/gldv2/arcface/old/checkpoints/last.ckpt"]
+    baseline, bct = gldv2_args("baseline_r50", mini_gldv2), gldv2_args("bct_r50", mini_gldv2)
+    old = ["--model.init_args.old_checkpoint", str(mini_gldv2_old_model)]
     new_seed = ["--seed_everything", "1", "--model.init_args.seed", "1"]
     VisionZooCLI(args=["fit", *baseline, *new_seed, "--run_name", "independent"])
     VisionZooCLI(args=["test", *baseline, *new_seed, *old, "--run_name", "independent", "--ckpt_path", "last"])
@@ -143,10 +138,10 @@ def test_bct_gives_the_classes_the_old_model_never_saw_their_mean_old_feature(mi
     from lightning_modules.retrieval.model import old_centres
 
     monkeypatch.chdir(tmp_path)
-    VisionZooCLI(args=["fit", *_args("baseline_r50", mini_gldv2), "--data.init_args.class_fraction", "0.5",
+    VisionZooCLI(args=["fit", *gldv2_args("baseline_r50", mini_gldv2), "--data.init_args.class_fraction", "0.5",
                        "--trainer.max_steps", "1", "--run_name", "old"])
     checkpoint = "runs/gldv2/arcface/old/checkpoints/last.ckpt"
-    cli = VisionZooCLI(args=["fit", *_args("bct_r50", mini_gldv2), "--model.init_args.old_checkpoint", checkpoint,
+    cli = VisionZooCLI(args=["fit", *gldv2_args("bct_r50", mini_gldv2), "--model.init_args.old_checkpoint", checkpoint,
                              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--run_name", "bct"])
     cached = torch.load("runs/gldv2/bct/bct/bct_class_means.pt", weights_only=True)
     assert cached["classes"].tolist() == list(range(20, 40))
