@@ -76,6 +76,12 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+def scale_gradient(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged forward; its gradient times ``factor`` backward (−α: a gradient-reversal
+    layer)."""
+    return _ScaleGrad.apply(x, factor)
+
+
 def _chunks(count: int, size: int) -> Iterator[tuple[int, int]]:
     """[start, end) of consecutive chunks of at most ``size`` of ``count`` rows."""
     for start in range(0, count, size):
@@ -378,7 +384,7 @@ until its CUDA test has passed on a GPU),
         """Mean loss over the global batch from this rank's embeddings [B, D] and labels [B]."""
         _, world_size = world_info()
         if world_size > 1:
-            embeddings = _ScaleGrad.apply(embeddings, float(world_size))
+            embeddings = scale_gradient(embeddings, float(world_size))
         features = F.normalize(all_gather_with_grad(embeddings), dim=1)
         labels = all_gather(labels)
         outside = (labels < 0) | (labels >= self.num_classes)

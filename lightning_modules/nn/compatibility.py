@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.distributed.model_parallel_softmax import scale_gradient
+
 MASKED = 1e9
 
 
@@ -70,22 +72,11 @@ def ract_triplet_loss(new: Tensor, old: Tensor, labels: Tensor, gathered_new: Te
     return terms[0] + terms[1]
 
 
-class _ReverseGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, coefficient: float) -> Tensor:
-        ctx.coefficient = coefficient
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return -ctx.coefficient * grad, None
-
-
 class GradientReversal(nn.Module):
     """The identity forward; the gradient times −``coefficient`` backward (Ganin & Lempitsky)."""
 
     def forward(self, x: Tensor, coefficient: float) -> Tensor:
-        return _ReverseGradient.apply(x, coefficient)
+        return scale_gradient(x, -coefficient)
 
 
 def reversal_coefficient(progress: float) -> float:

@@ -19,7 +19,7 @@ at ``encoder_lr_scale`` times it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,14 +27,46 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.vos_clips import frame_tensor
+from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.sequence_evaluation import SequenceEvaluatedModule
+from lightning_modules.vos.stm import load_network_weights
 
 
 class FramePairSegmenter(SequenceEvaluatedModule):
-    """Base of HCPN and HGPU (module docstring). A subclass sets ``network`` (whose ``decoder``
-    is the part at the full rate) and defines :meth:`pair_losses` and :meth:`pair_masks`."""
+    """Base of HCPN and HGPU (module docstring): their common arguments, the network
+    (``network_class``, whose ``decoder`` is the part at the full rate) built from them; a
+    subclass defines :meth:`pair_losses` and :meth:`pair_masks`.
 
-    network: torch.nn.Module
+    Defaults from the authors' code: ResNet-101 (torchvision's ImageNet weights,
+    ``resnet101.tv_in1k``), five co-attention stacks, decoder width 256 and side-map width 64,
+    the pyramid convolution as the code (``pyramid_rates_as_paper`` false), 512² inputs, flip
+    test and CRF on, the encoder at 0.1× the rate. ``init_checkpoint``: the checkpoint of the
+    earlier stage (YouTube-VOS) that starts this run."""
+
+    network_class: type[torch.nn.Module]
+
+    def __init__(
+        self,
+        optim: OptimizerRecipe,
+        backbone: str = "resnet101.tv_in1k",
+        pretrained: bool = True,
+        weights: Optional[str] = None,
+        stacks: int = 5,
+        decoder_width: int = 256,
+        side_width: int = 64,
+        pyramid_rates_as_paper: bool = False,
+        input_size: int = 512,
+        flip_test: bool = True,
+        crf: bool = True,
+        encoder_lr_scale: float = 0.1,
+        init_checkpoint: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.network = self.network_class(backbone, pretrained, weights, stacks, decoder_width, side_width,
+                                          pyramid_rates_as_paper)
+        if init_checkpoint is not None:
+            load_network_weights(self.network, init_checkpoint)
 
     def pair_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The loss terms of a training batch; ``loss`` is the total."""

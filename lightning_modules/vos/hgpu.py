@@ -31,46 +31,30 @@ Deviations from the authors' code:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 from torch import Tensor
 
 from lightning_modules.nn.co_attention import HGPUNetwork, hard_negative_bce
 from lightning_modules.recipe import OptimizerRecipe
 from lightning_modules.vos.frame_pairs import FramePairSegmenter
-from lightning_modules.vos.stm import load_network_weights
 
 
 class HGPU(FramePairSegmenter):
-    """HGPU (module docstring); defaults from the authors' ``train_HGPU.py``: ResNet-101
-    (torchvision's ImageNet weights, ``resnet101.tv_in1k``), five message stacks (``'main'``),
-    decoder width 256 and refinement width 64, 512² inputs, flip test and CRF on.
-    ``init_checkpoint``: the checkpoint of the earlier stage (YouTube-VOS) that starts this run."""
+    """HGPU (module docstring); the frame-pair arguments of :class:`FramePairSegmenter`
+    (``stacks`` 5: the authors' ``'main'``, 1: ``'pre'``) and the decoder at 1e-2 (the authors'
+    ``train_HGPU.py``)."""
 
     method_name = "hgpu"
+    network_class = HGPUNetwork
 
     def __init__(
         self,
-        backbone: str = "resnet101.tv_in1k",
-        pretrained: bool = True,
-        weights: Optional[str] = None,
-        stacks: int = 5,
-        decoder_width: int = 256,
-        side_width: int = 64,
-        pyramid_rates_as_paper: bool = False,
-        input_size: int = 512,
-        flip_test: bool = True,
-        crf: bool = True,
-        encoder_lr_scale: float = 0.1,
-        init_checkpoint: Optional[str] = None,
         optim: OptimizerRecipe = OptimizerRecipe(optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=5e-4,
                                                  schedule="constant"),
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.network = HGPUNetwork(backbone, pretrained, weights, stacks, decoder_width, side_width, pyramid_rates_as_paper)
-        if init_checkpoint is not None:
-            load_network_weights(self.network, init_checkpoint)
+        super().__init__(optim=optim, **kwargs)
 
     def forward(self, frame1: Tensor, frame2: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
         return self.network(frame1, frame2, flow)
