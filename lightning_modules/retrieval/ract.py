@@ -69,8 +69,9 @@ class RegressionAlleviatingCompatibleTraining(LandmarkRetrieval):
         with torch.no_grad():
             old = self.old_model(images)
         loss_cls = self.softmax(new, labels)
-        loss_comp = gathered_ract_loss(new, old.float(), labels, self.comp_loss, self.temperature, self.topk_negatives,
-                                       self.triplet_margin)
+        # in float32: logits of 1/τ = 100 lose their ranks in bfloat16
+        loss_comp = gathered_ract_loss(new.float(), old.float(), labels, self.comp_loss, self.temperature,
+                                       self.topk_negatives, self.triplet_margin)
         loss = loss_cls + self.comp_weight * loss_comp
         size = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
