@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from lightning_modules.nn.anti_collapse import AntiCollapseLoss
