@@ -153,3 +153,22 @@ def test_bct_gives_the_classes_the_old_model_never_saw_their_mean_old_feature(mi
     with torch.no_grad():
         features = model.old_model.embed(torch.stack([images[i]["image"] for i in range(len(images))]))
     torch.testing.assert_close(rows[25], F.normalize(features.mean(dim=0), dim=0), atol=1e-5, rtol=1e-4)
+
+
+def test_uncertainty_first_hot_refresh_through_visionzoo_test(mini_gldv2, mini_gldv2_old_model, tmp_path, monkeypatch):
+    """``refresh_order: uncertainty``: the model gives every gallery item the old model's
+    uncertainty (1 − the cosine to the nearest old class centre) and the test reports the curve;
+    the gallery refreshed in full is the new/new test."""
+    from lightning_modules.retrieval.model import old_centres
+
+    monkeypatch.chdir(tmp_path)
+    args = [*gldv2_args("baseline_r50", mini_gldv2), "--model.init_args.old_checkpoint", str(mini_gldv2_old_model),
+            "--model.init_args.compatibility.refresh_order", "uncertainty", "--run_name", "refresh"]
+    VisionZooCLI(args=["test", *args, "--ckpt_path", str(mini_gldv2_old_model)])
+    metrics = json.loads(Path("runs/gldv2/arcface/refresh/results.json").read_text())["metrics"]
+    assert metrics["hot_refresh@1.00/mAP@100_private"] == pytest.approx(metrics["new_new/mAP@100_private"])
+    assert metrics["hot_refresh@0.00/mAP@100_private"] == pytest.approx(metrics["new_old/mAP@100_private"])
+    model = LandmarkRetrieval(backbone="test_resnet", pretrained=False, embedding_size=64, old_checkpoint=str(mini_gldv2_old_model))
+    features = F.normalize(torch.randn(5, 64), dim=1)
+    centres = F.normalize(old_centres(model.old_checkpoint).float(), dim=1)
+    torch.testing.assert_close(model.old_uncertainty(features), 1 - (features @ centres.T).max(dim=1).values)
