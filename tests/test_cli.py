@@ -62,7 +62,7 @@ def test_a_recipe_variant_stacks_on_its_method_configs(variant, base, mini_data,
     assert cli.trainer.max_epochs == expected["trainer"]["max_epochs"]
 
 
-NEEDS_OLD_MODEL = {"gldv2/bct_r50", "gldv2/ract_r50", "gldv2/advbct_r18", "gldv2/unibct_r50"}
+NEEDS_OLD_MODEL = {"gldv2/bct_r50", "gldv2/ract_r50", "gldv2/advbct_r18", "gldv2/unibct_r50", "gldv2/dmu_r50", "gldv2/bict_r50"}
 
 
 def _instantiation_args(config: Path, mini_data: Path) -> list[str]:
@@ -76,7 +76,10 @@ def _instantiation_args(config: Path, mini_data: Path) -> list[str]:
     if name in NEEDS_OLD_MODEL:
         old = VisionZooCLI(args=["fit", *_mini_args(CONFIGS / "gldv2/baseline_r50.yaml", mini_data / "gldv2"), "--config",
                                  str(CONFIGS / "trainer/cpu.yaml"), "--trainer.max_steps", "1", "--run_name", "old"])
-        args += ["--model.init_args.old_checkpoint", str(Path(old.trainer.default_root_dir) / "checkpoints/last.ckpt")]
+        checkpoint = str(Path(old.trainer.default_root_dir) / "checkpoints/last.ckpt")
+        args += ["--model.init_args.old_checkpoint", checkpoint]
+        if name == "gldv2/bict_r50":  # and the new model of the backward-compatible stage
+            args += ["--model.init_args.new_checkpoint", checkpoint]
     return args
 
 

@@ -513,21 +513,35 @@ class CompatibilityMetric(RetrievalMetric):
     old; ``hot_refresh@<r>/<primary metric>`` and ``hot_refresh@<r>/negative_flip_rate`` (against
     old/old) at each r. The items are backfilled in a random order (``refresh_seed``) or, with
     ``refresh_order: uncertainty``, the most uncertain old features first (the ``old_uncertainty``
-    field of the gallery rows, the model's: a reconstruction, RACT's measure is not published)."""
+    field of the gallery rows, the model's: a reconstruction, RACT's measure is not published).
+
+    With ``upgraded_gallery`` (BiCT, DMU), the stored old gallery moved into the new space
+    (``upgraded_embedding``, from the old features only) gives ``new_upgraded/<metric>`` and
+    ``upgraded_negative_flip_rate``. With ``stored_gallery`` (a sequential upgrade), the old
+    system's gallery is ``stored_embedding``, the gallery as the previous upgrade left it, in
+    place of the old model's own features."""
 
     fields = ("embedding", "old_embedding")
 
     def __init__(self, protocol: RetrievalProtocol, search_options: SearchOptions = SearchOptions(),
-                 options: CompatibilityOptions = CompatibilityOptions()) -> None:
+                 options: CompatibilityOptions = CompatibilityOptions(), upgraded_gallery: bool = False,
+                 stored_gallery: bool = False) -> None:
         super().__init__(protocol, search_options)
-        self.options = options
+        self.options, self.upgraded_gallery = options, upgraded_gallery
+        self.old_gallery = "stored_embedding" if stored_gallery else "old_embedding"
         if options.refresh_order == "uncertainty":
             self.fields = (*self.fields, "old_uncertainty")
+        if upgraded_gallery:
+            self.fields = (*self.fields, "upgraded_embedding")
+        if stored_gallery:
+            self.fields = (*self.fields, "stored_embedding")
 
     def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
-        scores = {"old_old": self.query_scores(sets, "old_embedding", "old_embedding"),
-                  "new_old": self.query_scores(sets, "embedding", "old_embedding")}
+        scores = {"old_old": self.query_scores(sets, "old_embedding", self.old_gallery),
+                  "new_old": self.query_scores(sets, "embedding", self.old_gallery)}
         refresh = self.hot_refresh(sets, scores["old_old"])
+        if self.upgraded_gallery:
+            scores["new_upgraded"] = self.query_scores(sets, "embedding", "upgraded_embedding")
         scores["new_new"] = self.query_scores(sets, "embedding", "embedding")  # last: GLDv2's Kaggle rankings are the new model's
         combined = {name: self.protocol.combine(s) for name, s in scores.items()}
         results = {f"{name}/{metric}": value for name, values in combined.items() for metric, value in values.items()}
@@ -536,6 +550,8 @@ class CompatibilityMetric(RetrievalMetric):
             gap = oracle - old
             results[f"update_gain/{metric}"] = (combined["new_old"][metric] - old) / gap if abs(gap) > 1e-12 else math.nan
         results["negative_flip_rate"] = self.flip_rate(scores["old_old"], scores["new_old"])
+        if self.upgraded_gallery:
+            results["upgraded_negative_flip_rate"] = self.flip_rate(scores["old_old"], scores["new_upgraded"])
         return results | refresh
 
     def flip_rate(self, old: QueryScores, upgraded: QueryScores) -> float:
@@ -561,7 +577,7 @@ class CompatibilityMetric(RetrievalMetric):
         if not self.options.refresh_ratios:
             return {}
         gallery = _set_rows(sets, self.protocol.gallery_set)
-        old_features, new_features = as_array(gallery["old_embedding"]), as_array(gallery["embedding"])
+        old_features, new_features = as_array(gallery[self.old_gallery]), as_array(gallery["embedding"])
         order = self.backfill_order(gallery)
         results = {}
         for ratio in self.options.refresh_ratios:

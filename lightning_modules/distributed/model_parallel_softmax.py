@@ -16,7 +16,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -380,8 +380,9 @@ until its CUDA test has passed on a GPU),
             total = total + statistic(cos, ~_is_target(target_columns - start, end - start))
         return all_reduce_sum(total)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean loss over the global batch from this rank's embeddings [B, D] and labels [B]."""
+    def forward(self, embeddings: Tensor, labels: Tensor, sample_weights: Optional[Tensor] = None) -> Tensor:
+        """Mean loss over the global batch from this rank's embeddings [B, D] and labels [B];
+        with ``sample_weights`` [B] (no gradient), the mean of the weighted per-sample losses."""
         _, world_size = world_info()
         if world_size > 1:
             embeddings = scale_gradient(embeddings, float(world_size))
@@ -413,7 +414,10 @@ until its CUDA test has passed on a GPU),
         )
         target_logit = self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state)
         # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
-        return self.head.loss(target_logit - torch.logaddexp(target_logit, negatives)).mean()
+        losses = self.head.loss(target_logit - torch.logaddexp(target_logit, negatives))
+        if sample_weights is not None:
+            losses = losses * all_gather(sample_weights.detach().to(losses))
+        return losses.mean()
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,8 @@
   the distance beyond them averaged over the violating samples only.
 - :func:`refine_prototypes` (UniBCT, a reconstruction): one kNN-graph propagation step over the
   old prototypes.
+- :class:`ResidualTransformation` (BiCT, DMU, a reconstruction): the forward transformation ψ of
+  old features into the new space.
 """
 
 from __future__ import annotations
@@ -157,3 +159,23 @@ def refine_prototypes(prototypes: Tensor, neighbours: int = 5, temperature: floa
         weights = (similarity / temperature).softmax(dim=1)
         refined.append(F.normalize((weights[..., None] * prototypes[index]).sum(dim=1), dim=1))
     return torch.cat(refined)
+
+
+class ResidualTransformation(nn.Module):
+    """BiCT's / DMU's forward transformation ψ of old features into the new space (a
+    reconstruction, cards 10-11): ``blocks`` residual blocks x ← x + Linear(BN(ReLU(Linear(x)))),
+    the last linear of each zero-initialised (ψ starts as the identity), then L2 normalisation."""
+
+    def __init__(self, embedding_size: int, hidden_size: int = 1024, blocks: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(embedding_size, hidden_size), nn.BatchNorm1d(hidden_size), nn.ReLU(inplace=True),
+                          nn.Linear(hidden_size, embedding_size)) for _ in range(blocks))
+        for block in self.blocks:
+            nn.init.zeros_(block[-1].weight)
+            nn.init.zeros_(block[-1].bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        for block in self.blocks:
+            features = features + block(features)
+        return F.normalize(features, dim=1)

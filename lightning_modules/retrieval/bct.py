@@ -74,10 +74,11 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         keep_out_of_ddp(self, ["old_softmax.weight"] + [f"old_softmax.head.{n}" for n, _ in head.named_buffers()])
 
     def on_fit_start(self) -> None:
-        self.old_softmax.weight.data.copy_(self.old_classifier_rows().to(self.old_softmax.weight))
+        rows = self.old_classifier_rows(self.old_softmax.start, self.old_softmax.end)
+        self.old_softmax.weight.data.copy_(rows.to(self.old_softmax.weight))
 
-    def old_classifier_rows(self) -> Tensor:
-        """This rank's rows of the frozen classifier of the influence loss (module docstring, 2)."""
+    def old_classifier_rows(self, start: int, end: int) -> Tensor:
+        """Rows ``start``..``end`` of the frozen classifier of the influence loss (module docstring, 2)."""
         landmarks = self.trainer.datamodule.landmark_ids
         old_rows = old_centres(self.old_checkpoint)
         old_class = {landmark: c for c, landmark in enumerate(old_landmark_ids(self.old_checkpoint))}
@@ -85,7 +86,7 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         log.info("BCT: %d of the %d new classes are the old model's; the others use their mean old feature",
                  sum(landmark in old_class for landmark in landmarks), len(landmarks))
         return torch.stack([old_rows[old_class[landmarks[c]]] if landmarks[c] in old_class else means[c]
-                            for c in range(self.old_softmax.start, self.old_softmax.end)])
+                            for c in range(start, end)])
 
     @torch.no_grad()
     def new_class_means(self, classes: list[int]) -> dict[int, Tensor]:
@@ -122,10 +123,15 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
             torch.save({"classes": torch.tensor(classes), "means": means}, cache)
         return dict(zip(classes, means))
 
+    def influence_weights(self, images: Tensor, labels: Tensor) -> Tensor | None:
+        """Per-sample weights of the influence loss; BCT's are uniform (None)."""
+        return None
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         embeddings = self(batch["image"])
         loss_new = self.softmax(embeddings, batch["label"])
-        loss_influence = self.old_softmax(embeddings, batch["label"])
+        loss_influence = self.old_softmax(embeddings, batch["label"],
+                                          sample_weights=self.influence_weights(batch["image"], batch["label"]))
         loss = loss_new + self.influence_weight * loss_influence
         size = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

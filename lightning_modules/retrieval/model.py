@@ -74,6 +74,12 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
     """GeM retrieval model trained by a margin softmax (module docstring). ``num_classes`` None:
     evaluation only (no head; a checkpoint's centres are not read)."""
 
+    #: Whether the evaluation outputs hold ``upgraded_embedding``, the old features moved into the
+    #: new space (:class:`~lightning_modules.retrieval.forward_transformation.ForwardTransformation`).
+    upgrades_old_gallery = False
+    #: Whether they hold ``stored_embedding``, the gallery as a previous upgrade left it.
+    has_stored_gallery = False
+
     def __init__(
         self,
         num_classes: Optional[int] = None,
@@ -153,7 +159,9 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
         datamodule = self.trainer.datamodule
         self.retrieval_protocol = datamodule.retrieval_protocol()
         if self.old_model is not None:
-            metrics: list[BenchmarkMetric] = [CompatibilityMetric(self.retrieval_protocol, self.search_options, self.compatibility)]
+            metrics: list[BenchmarkMetric] = [CompatibilityMetric(self.retrieval_protocol, self.search_options, self.compatibility,
+                                                                  upgraded_gallery=self.upgrades_old_gallery,
+                                                                  stored_gallery=self.has_stored_gallery)]
         else:
             metrics = [RetrievalMetric(self.retrieval_protocol, self.search_options)]
         solution = getattr(datamodule, "recognition_solution", None)

@@ -44,11 +44,11 @@ class UniversalBackwardCompatibleTraining(BackwardCompatibleTraining):
         self.prototype_refinement = prototype_refinement
         self.refinement_neighbours, self.refinement_temperature = refinement_neighbours, refinement_temperature
 
-    def old_classifier_rows(self) -> Tensor:
-        """Every class's (refined) old prototype; this rank's rows."""
+    def old_classifier_rows(self, start: int, end: int) -> Tensor:
+        """Rows ``start``..``end`` of every class's (refined) old prototypes."""
         num_classes = len(self.trainer.datamodule.landmark_ids)
         means = self.new_class_means(list(range(num_classes)))
         prototypes = torch.stack([means[c] for c in range(num_classes)])
         if self.prototype_refinement:
             prototypes = refine_prototypes(prototypes, self.refinement_neighbours, self.refinement_temperature)
-        return prototypes[self.old_softmax.start:self.old_softmax.end]
+        return prototypes[start:end]

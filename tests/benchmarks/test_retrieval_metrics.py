@@ -216,3 +216,19 @@ def test_hot_refresh_backfills_the_gallery_in_order_and_reports_map_and_flips_at
     np.testing.assert_array_equal(random, np.random.default_rng(3).permutation(4))
     with pytest.raises(ValueError, match="refresh_ratios must lie in"):
         CompatibilityOptions(refresh_ratios=(0.5, 1.5))
+
+
+def test_an_upgraded_old_gallery_is_searched_by_the_new_queries():
+    """The stored old gallery moved into the new space (BiCT/DMU's ψ): here moved exactly onto the
+    new gallery, so new→upgraded equals new→new and flips no query that new→old flips."""
+    eye = torch.eye(3)
+    solution = {"public": {}, "private": {f"q{i}": [f"g{i}"] for i in range(3)}}
+    protocol = GLDv2Protocol([f"q{i}" for i in range(3)], [f"g{i}" for i in range(3)], solution, precision_ks=(1,))
+    sets = {"test": {"embedding": eye, "old_embedding": -eye, "upgraded_embedding": eye, "index": torch.arange(3)},
+            "index": {"embedding": eye, "old_embedding": -eye, "upgraded_embedding": eye, "index": torch.arange(3)}}
+    metric = CompatibilityMetric(protocol, options=CompatibilityOptions(refresh_ratios=()), upgraded_gallery=True)
+    assert "upgraded_embedding" in metric.fields
+    values = metric.combine(sets)
+    assert values["new_upgraded/mP@1_private"] == values["new_new/mP@1_private"] == 1.0
+    assert values["new_old/mP@1_private"] == 0.0
+    assert values["upgraded_negative_flip_rate"] == 0.0 and values["negative_flip_rate"] == 1.0

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lightning_modules.nn.compatibility import (ElasticBoundary, GradientReversal, boundary_loss, class_statistics,
-                                                ract_contrastive_loss, ract_triplet_loss, refine_prototypes,
-                                                reversal_coefficient)
+from lightning_modules.nn.compatibility import (ElasticBoundary, GradientReversal, ResidualTransformation, boundary_loss,
+                                                class_statistics, ract_contrastive_loss, ract_triplet_loss,
+                                                refine_prototypes, reversal_coefficient)
 from lightning_modules.nn.anti_collapse import AntiCollapseLoss, coding_rate, proxy_anchor_loss
 from lightning_modules.retrieval.ract import gathered_ract_loss
 
@@ -179,3 +179,26 @@ def test_proxy_anchor_by_hand_and_the_anti_collapse_total():
     assert total.item() == pytest.approx(0.0035 * alignment.item() + math.exp(-batch_rate.item()), rel=1e-6)
     total.backward()
     assert loss.proxies.grad[2].abs().sum() > 0 and loss.proxies.grad[0].abs().sum() > 0
+
+
+def test_sample_weights_average_the_weighted_per_sample_losses():
+    """DMU's weighted influence loss: with weights w the sharded softmax returns Σ w_i·L_i / B;
+    uniform weights give the plain mean, a one-hot weight picks one sample's loss over B."""
+    from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
+    from lightning_modules.nn.margins import CombinedMarginHead
+
+    torch.manual_seed(0)
+    softmax = ModelParallelSoftmax(7, 5, CombinedMarginHead(s=16.0, m2=0.3)).double()
+    embeddings, labels = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 3, 3, 6])
+    plain = softmax(embeddings, labels)
+    assert softmax(embeddings, labels, sample_weights=torch.ones(4)).item() == pytest.approx(plain.item())
+    per_sample = torch.stack([4 * softmax(embeddings, labels, sample_weights=torch.eye(4)[i]) for i in range(4)])
+    assert per_sample.mean().item() == pytest.approx(plain.item())
+    weights = torch.tensor([0.0, 0.5, 1.0, 0.25])
+    weighted = softmax(embeddings, labels, sample_weights=weights)
+    assert weighted.item() == pytest.approx(float((weights.double() * per_sample).sum() / 4))
+
+
+def test_the_forward_transformation_starts_as_the_identity():
+    features = F.normalize(torch.randn(6, 8), dim=1)
+    torch.testing.assert_close(ResidualTransformation(8, 16, 2).train()(features), features)

@@ -2,9 +2,9 @@
 fit``/``test`` against the same old model (the baseline on 40 % of each landmark's photos,
 RACT's split by data): the new queries search the old gallery better than the old model's own
 (each method's compatibility criterion; AdvBCT falls short at this budget, documented in its
-test); RACT's negative flips in the half-refreshed gallery
-against BCT's; the hot-refresh curve in results.json and as a picture; and the Anti-Collapse
-loss learning the landmarks."""
+test); RACT's negative flips in the half-refreshed gallery against BCT's; the hot-refresh curve
+in results.json and as a picture; sequential upgrades v1 → v2 → v3 (DMU, then ψ moving the
+stored gallery without its images); and the Anti-Collapse loss learning the landmarks."""
 
 from __future__ import annotations
 
@@ -104,3 +104,53 @@ def test_anti_collapse_learns_the_mini_landmarks(mini_gldv2, tmp_path, monkeypat
     untrained = json.loads(Path("runs/gldv2/anticollapse/untrained/results.json").read_text())["metrics"]
     print(_pooled(trained), _pooled(untrained))
     assert _pooled(trained) >= _pooled(untrained) + 0.06
+
+
+def _forward_transformation(run: str, root: Path, old: str, new: str, *extra: str) -> tuple[VisionZooCLI, list[str]]:
+    """Fit ψ from ``old`` to ``new`` (10 epochs, Adam 1e-3: the mini preset's lr is SGD's)."""
+    args = [*gldv2_args("bict_r50", root), *NEW_SEED, "--model.init_args.old_checkpoint", old,
+            "--model.init_args.new_checkpoint", new, "--model.init_args.optim.lr", "1e-3",
+            "--model.init_args.optim.warmup_epochs", "0", "--trainer.max_epochs", "10", "--run_name", run, *extra]
+    return VisionZooCLI(args=["fit", *args, "--trainer.limit_val_batches", "0"]), args
+
+
+@pytest.mark.slow
+def test_sequential_upgrades_move_the_stored_gallery_forward_without_its_images(mini_gldv2, mini_gldv2_old_model,
+                                                                                  tmp_path, monkeypatch):
+    """v1 → v2 → v3 with the gallery stored as v1 features and never re-embedded. v2: DMU's
+    selective backward-compatible stage from v1; ψ₁₂ trained on the training images only (its
+    inputs are exactly the training batches' old features, so it never sees a gallery image) and
+    applied to the stored v1 gallery. v3: DMU from v2; ψ₂₃ trained on v2 → v3 training pairs and
+    applied to ψ₁₂(v1 gallery). Each upgrade's queries search the moved gallery better than the
+    gallery as it was. Measured (mAP@100, 40 queries): v1/v1 0.55; v2: DMU new/old 0.64, new
+    against ψ₁₂(v1) 0.76, new/new 0.86."""
+    from lightning_modules.nn.compatibility import ResidualTransformation
+
+    monkeypatch.chdir(tmp_path)
+    v2 = _fit_and_test("dmu_r50", "v2", mini_gldv2, "--model.init_args.old_checkpoint", str(mini_gldv2_old_model))
+    assert _pooled(v2, "new_old/") >= _pooled(v2, "old_old/") + 0.05  # DMU: compatible with v1
+    rows_seen = []
+    original = ResidualTransformation.forward
+    monkeypatch.setattr(ResidualTransformation, "forward",
+                        lambda self, x: rows_seen.append((self.training, len(x))) or original(self, x))
+    cli, args = _forward_transformation("psi12", mini_gldv2, str(mini_gldv2_old_model), "runs/gldv2/dmu/v2/checkpoints/last.ckpt")
+    assert [n for training, n in rows_seen if training] == [cli.datamodule.batch_size] * cli.trainer.global_step
+    VisionZooCLI(args=["test", *args, "--ckpt_path", "last"])
+    psi12 = json.loads(Path("runs/gldv2/forward_transformation/psi12/results.json").read_text())["metrics"]
+
+    v3 = _fit_and_test("dmu_r50", "v3", mini_gldv2, "--model.init_args.old_checkpoint", "runs/gldv2/dmu/v2/checkpoints/last.ckpt",
+                       "--seed_everything", "2", "--model.init_args.seed", "2")
+    _, args = _forward_transformation("psi23", mini_gldv2, "runs/gldv2/dmu/v2/checkpoints/last.ckpt",
+                                      "runs/gldv2/dmu/v3/checkpoints/last.ckpt", "--model.init_args.stored_gallery",
+                                      "runs/gldv2/forward_transformation/psi12/checkpoints/last.ckpt")
+    VisionZooCLI(args=["test", *args, "--ckpt_path", "last"])
+    psi23 = json.loads(Path("runs/gldv2/forward_transformation/psi23/results.json").read_text())["metrics"]
+    summary = {"v2": {k: round(_pooled(psi12, k), 3) for k in ("old_old/", "new_old/", "new_upgraded/", "new_new/")},
+               "v3": {k: round(_pooled(psi23, k), 3) for k in ("old_old/", "new_old/", "new_upgraded/", "new_new/")},
+               "v3 dmu": round(_pooled(v3, "new_old/"), 3)}
+    print(summary)
+    # v2 queries against the stored gallery as ψ₁₂ left it: the old system of the second upgrade
+    assert _pooled(psi23, "old_old/") == pytest.approx(_pooled(psi12, "new_upgraded/"), abs=1e-6)
+    for metrics in (psi12, psi23):
+        assert _pooled(metrics, "new_upgraded/") >= _pooled(metrics, "new_old/") + 0.02, summary
+    assert _pooled(psi23, "new_upgraded/") >= _pooled(psi12, "old_old/") + 0.1, summary  # v3 on the moved v1 gallery
