@@ -38,12 +38,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 
-from lightning_modules.distributed.comm import all_gather_objects, world_info
+from lightning_modules.distributed.comm import all_gather_objects
 from lightning_modules.nn.compatibility import (ElasticBoundary, GradientReversal, ModelDiscriminator, boundary_loss,
                                                 class_statistics, reversal_coefficient)
-from lightning_modules.retrieval.model import DATAMODULE_STATE, LandmarkRetrieval, old_landmark_ids
+from lightning_modules.retrieval.model import DATAMODULE_STATE, LandmarkRetrieval, old_landmark_ids, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,8 @@ class AdversarialBackwardCompatibleTraining(LandmarkRetrieval):
             cached = torch.load(cache, weights_only=True)
             return cached["centres"], cached["radii"], cached["constrained"]
         samples = self.old_training_samples()
-        rank, world_size = world_info()
-        mine = list(range(len(samples)))[rank::world_size]
         datamodule = self.trainer.datamodule
-        images = datamodule.evaluation_images([path for path, _ in samples])
-        loader = DataLoader(Subset(images, mine), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+        mine, loader = rank_share(datamodule, samples, range(len(samples)))
         features = torch.cat([self.old_model.embed(batch["image"].to(self.device)).float().cpu() for batch in loader])
         parts = all_gather_objects((mine, features))
         order = torch.tensor([i for indices, _ in parts for i in indices])

@@ -32,13 +32,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 
-from lightning_modules.distributed.comm import all_reduce_sum, world_info
+from lightning_modules.distributed.comm import all_reduce_sum
 from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
 from lightning_modules.framework import keep_out_of_ddp
 from lightning_modules.nn.margins import SoftmaxHead
-from lightning_modules.retrieval.model import LandmarkRetrieval, old_centres, old_landmark_ids
+from lightning_modules.retrieval.model import LandmarkRetrieval, old_centres, old_landmark_ids, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +102,11 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         samples = datamodule.train_dataset.samples
         wanted = set(classes)
         indices = [i for i, (_, label) in enumerate(samples) if label in wanted]
-        rank, world_size = world_info()
-        images = datamodule.evaluation_images([path for path, _ in samples])
-        loader = DataLoader(Subset(images, indices[rank::world_size]), batch_size=datamodule.batch_size,
-                            num_workers=datamodule.num_workers)
+        mine, loader = rank_share(datamodule, samples, indices)
         position = {c: i for i, c in enumerate(classes)}
         sums = torch.zeros(len(classes), self.hparams.embedding_size, device=self.device)
         counts = torch.zeros(len(classes), device=self.device)
-        labels = iter([samples[i][1] for i in indices[rank::world_size]])
+        labels = iter([samples[i][1] for i in mine])
         for batch in loader:
             features = self.old_model.embed(batch["image"].to(self.device)).float()
             rows = torch.tensor([position[next(labels)] for _ in range(len(features))], device=self.device)

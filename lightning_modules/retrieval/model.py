@@ -35,11 +35,13 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 
 from benchmarks.metrics.base import BenchmarkMetric
 from benchmarks.metrics.retrieval import (
@@ -51,6 +53,7 @@ from benchmarks.metrics.retrieval import (
     SearchOptions,
 )
 from lightning_modules.base import Stage
+from lightning_modules.distributed.comm import world_info
 from lightning_modules.distributed.model_parallel_softmax import SoftmaxOptions
 from lightning_modules.distributed.sharded_state import SHARDS, read_checkpoint, read_rows
 from lightning_modules.margin_softmax import MarginSoftmaxTraining
@@ -206,6 +209,17 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
     def prediction_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``visionzoo predict``: the test-time embedding of every image of the eval sets."""
         return {"embedding": self.embed(batch["image"]).float()}
+
+
+def rank_share(datamodule: Any, samples: Sequence[tuple[Path, int]], positions: Sequence[int]) -> tuple[list[int], DataLoader]:
+    """This rank's share of ``positions`` in ``samples`` (every world-size-th, so the ranks split
+    the work) and a loader of those images at the test-time transform, in that order: the old
+    model's passes over training images before training (BCT's class means, AdvBCT's class
+    statistics)."""
+    rank, world_size = world_info()
+    mine = list(positions)[rank::world_size]
+    images = datamodule.evaluation_images([path for path, _ in samples])
+    return mine, DataLoader(Subset(images, mine), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
 
 
 def load_old_model(path: str) -> tuple[LandmarkRetrieval, dict[str, Any]]:
