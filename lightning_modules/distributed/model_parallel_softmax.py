@@ -383,6 +383,17 @@ until its CUDA test has passed on a GPU),
     def forward(self, embeddings: Tensor, labels: Tensor, sample_weights: Optional[Tensor] = None) -> Tensor:
         """Mean loss over the global batch from this rank's embeddings [B, D] and labels [B];
         with ``sample_weights`` [B] (no gradient), the mean of the weighted per-sample losses."""
+        target_logit, negatives = self.logit_terms(embeddings, labels)
+        # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
+        losses = self.head.loss(target_logit - torch.logaddexp(target_logit, negatives))
+        if sample_weights is not None:
+            losses = losses * all_gather(sample_weights.detach().to(losses))
+        return losses.mean()
+
+    def logit_terms(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_y, log Σ_{j≠y} e^{z_j}) [N_global] of the global batch, every class of every shard
+        summed in, both with gradient: the softmax loss, or one over the union of two heads'
+        classes (RACT's ``bct_ract``)."""
         _, world_size = world_info()
         if world_size > 1:
             embeddings = scale_gradient(embeddings, float(world_size))
@@ -412,12 +423,7 @@ until its CUDA test has passed on a GPU),
             features, centres, inverse_norms, target_columns, own_cos, self.head, state, self.options.chunk_classes,
             _chunk_steps(self.options.compile_chunks),
         )
-        target_logit = self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state)
-        # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
-        losses = self.head.loss(target_logit - torch.logaddexp(target_logit, negatives))
-        if sample_weights is not None:
-            losses = losses * all_gather(sample_weights.detach().to(losses))
-        return losses.mean()
+        return self.head.target_logit(self._all_target_cosines(own_cos, target_rows, labels.shape[0]), state), negatives
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,11 +60,16 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         self.influence_weight, self.old_head = influence_weight, old_head
         self.old_softmax: ModelParallelSoftmax | None = None
 
+    @property
+    def uses_old_classifier(self) -> bool:
+        """Whether the loss needs the old classifier over the new classes (BCT's always does)."""
+        return True
+
     def configure_model(self) -> None:
         """The new head (base class) and this rank's shard of the old classifier over the new
         classes, frozen; its rows are filled in :meth:`on_fit_start`."""
         super().configure_model()
-        if self.old_softmax is not None or self.hparams.num_classes is None:
+        if self.old_softmax is not None or self.hparams.num_classes is None or not self.uses_old_classifier:
             return
         head = copy.deepcopy(self.head) if self.old_head == "margin" else SoftmaxHead(self.head.scale)
         self.old_softmax = ModelParallelSoftmax(self.hparams.num_classes, self.hparams.embedding_size, head,
@@ -73,6 +78,8 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         keep_out_of_ddp(self, ["old_softmax.weight"] + [f"old_softmax.head.{n}" for n, _ in head.named_buffers()])
 
     def on_fit_start(self) -> None:
+        if self.old_softmax is None:
+            return
         rows = self.old_classifier_rows(self.old_softmax.start, self.old_softmax.end)
         self.old_softmax.weight.data.copy_(rows.to(self.old_softmax.weight))
 
@@ -123,11 +130,14 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
         """Per-sample weights of the influence loss; BCT's are uniform (None)."""
         return None
 
+    def influence_loss(self, embeddings: Tensor, batch: dict) -> Tensor:
+        """The new embeddings' softmax loss under the frozen old classifier (module docstring, 3)."""
+        return self.old_softmax(embeddings, batch["label"], sample_weights=self.influence_weights(batch["image"], batch["label"]))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         embeddings = self(batch["image"])
         loss_new = self.softmax(embeddings, batch["label"])
-        loss_influence = self.old_softmax(embeddings, batch["label"],
-                                          sample_weights=self.influence_weights(batch["image"], batch["label"]))
+        loss_influence = self.influence_loss(embeddings, batch)
         loss = loss_new + self.influence_weight * loss_influence
         size = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

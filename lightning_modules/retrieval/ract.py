@@ -15,13 +15,23 @@ feature than to both the old and the new features of the other classes:
    + Σ_{y_j≠y_i} e^{⟨n_i,n_j⟩/τ}), τ = 0.01, entries of the anchor's class masked out of both
    sets; ``topk_negatives`` > 0 keeps the hardest k of each set (the README's example: 10).
    ``triplet_ract``: a margin ranking (0.8) against the 10 hardest of each set.
-4. L = L_cls + λ·L_RACT, λ = ``comp_weight`` = 1, L_cls the new model's margin softmax.
+   ``bct_ract`` (the authors' ``trainer.py``): one softmax over the new feature's logits against
+   the old classifier **and** the new one, the own class masked out of the new classifier's,
+   the target the own old class: ℓ_i = −z^old_{y_i} + log(Σ_j e^{z^old_j} + Σ_{j≠y_i} e^{z^new_j}).
+   Both classifiers are sharded over the ranks; each gives its (target, log-sum-exp of the
+   others) over all shards (:meth:`~lightning_modules.distributed.model_parallel_softmax.ModelParallelSoftmax.logit_terms`),
+   combined here. The old classifier is BCT's
+   (:class:`~lightning_modules.retrieval.bct.BackwardCompatibleTraining`: the old centres laid
+   over the new classes by landmark id, new classes at their mean old feature).
+4. L = L_cls + λ·L_RACT, λ = ``comp_weight`` = 1, L_cls the new model's margin softmax; with
+   ``influence_weight`` > 0 also BCT's influence loss (0 by default: RACT alone, the paper's).
 5. Test: the compatibility table with the hot-refresh curve (``compatibility.refresh_ratios``).
 
-Deviations from the authors' code: the ``bct_ract`` variant (old- and new-classifier logits in
-one softmax) is not offered, since the classifiers here are sharded over the ranks; the
-classifier is the margin head of :class:`LandmarkRetrieval` (RACT's ``arcface`` option, s 30,
-m 0.3), where its default is a linear softmax.
+Deviations from the authors' code: the classifier is the margin head of
+:class:`LandmarkRetrieval` (RACT's ``arcface`` option, s 30, m 0.3), where its default is a
+linear softmax; in ``bct_ract`` the old classifier's logits are the old centres' cosines under
+the same head (``old_head``, BCT's), where the authors apply the old model's linear layer to the
+unnormalised feature.
 """
 
 from __future__ import annotations
@@ -32,8 +42,11 @@ import torch
 from torch import Tensor
 
 from lightning_modules.distributed.comm import all_gather
+from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
 from lightning_modules.nn.compatibility import ract_contrastive_loss, ract_triplet_loss
-from lightning_modules.retrieval.model import LandmarkRetrieval
+from lightning_modules.retrieval.bct import BackwardCompatibleTraining
+
+COMPATIBLE_LOSSES = ("contra_ract", "triplet_ract", "bct_ract")
 
 
 def gathered_ract_loss(new: Tensor, old: Tensor, labels: Tensor, kind: Literal["contra_ract", "triplet_ract"] = "contra_ract",
@@ -46,34 +59,55 @@ def gathered_ract_loss(new: Tensor, old: Tensor, labels: Tensor, kind: Literal["
     return ract_triplet_loss(new, old, labels, *gathered, margin=margin, topk=topk if topk > 0 else 10)
 
 
-class RegressionAlleviatingCompatibleTraining(LandmarkRetrieval):
-    """RACT (module docstring). Takes :class:`LandmarkRetrieval`'s arguments; ``old_checkpoint``
-    is required. ``comp_loss`` ``contra_ract`` or ``triplet_ract``, ``comp_weight`` λ,
-    ``temperature`` τ, ``topk_negatives`` (0: all; the triplet's default 10), ``triplet_margin``."""
+def bct_ract_loss(old_classifier: ModelParallelSoftmax, new_classifier: ModelParallelSoftmax, embeddings: Tensor,
+                  labels: Tensor) -> Tensor:
+    """``bct_ract`` (module docstring, 3): the old classifier's target logit against all its other
+    classes and all the new classifier's but the own, one softmax over the global batch."""
+    old_target, old_negatives = old_classifier.logit_terms(embeddings, labels)
+    _, new_negatives = new_classifier.logit_terms(embeddings, labels)
+    negatives = torch.logaddexp(old_negatives, new_negatives)
+    return old_classifier.head.loss(old_target - torch.logaddexp(old_target, negatives)).mean()
+
+
+class RegressionAlleviatingCompatibleTraining(BackwardCompatibleTraining):
+    """RACT (module docstring). Takes :class:`BackwardCompatibleTraining`'s arguments
+    (``old_checkpoint`` required; ``influence_weight`` 0 by default); ``comp_loss``
+    ``contra_ract``, ``triplet_ract`` or ``bct_ract``, ``comp_weight`` λ, ``temperature`` τ,
+    ``topk_negatives`` (0: all; the triplet's default 10), ``triplet_margin``."""
 
     method_name = "ract"
 
-    def __init__(self, *args: Any, comp_loss: Literal["contra_ract", "triplet_ract"] = "contra_ract", comp_weight: float = 1.0,
-                 temperature: float = 0.01, topk_negatives: int = 0, triplet_margin: float = 0.8, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.old_model is None:
-            raise ValueError("RACT needs model.init_args.old_checkpoint: the last.ckpt of the old model's run")
-        if comp_loss not in ("contra_ract", "triplet_ract"):
-            raise ValueError(f"model.comp_loss must be 'contra_ract' or 'triplet_ract'; got {comp_loss!r}")
+    def __init__(self, *args: Any, comp_loss: Literal["contra_ract", "triplet_ract", "bct_ract"] = "contra_ract",
+                 comp_weight: float = 1.0, temperature: float = 0.01, topk_negatives: int = 0, triplet_margin: float = 0.8,
+                 influence_weight: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, influence_weight=influence_weight, **kwargs)
+        if comp_loss not in COMPATIBLE_LOSSES:
+            raise ValueError(f"model.comp_loss must be one of {', '.join(COMPATIBLE_LOSSES)}; got {comp_loss!r}")
         self.comp_loss, self.comp_weight, self.temperature = comp_loss, comp_weight, temperature
         self.topk_negatives, self.triplet_margin = topk_negatives, triplet_margin
+
+    @property
+    def uses_old_classifier(self) -> bool:
+        return self.comp_loss == "bct_ract" or self.influence_weight > 0
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         new = self(images)
-        with torch.no_grad():
-            old = self.old_model(images)
         loss_cls = self.softmax(new, labels)
-        # in float32: logits of 1/τ = 100 lose their ranks in bfloat16
-        loss_comp = gathered_ract_loss(new.float(), old.float(), labels, self.comp_loss, self.temperature,
-                                       self.topk_negatives, self.triplet_margin)
+        if self.comp_loss == "bct_ract":
+            loss_comp = bct_ract_loss(self.old_softmax, self.softmax, new, labels)
+        else:
+            with torch.no_grad():
+                old = self.old_model(images)
+            # in float32: logits of 1/τ = 100 lose their ranks in bfloat16
+            loss_comp = gathered_ract_loss(new.float(), old.float(), labels, self.comp_loss, self.temperature,
+                                           self.topk_negatives, self.triplet_margin)
         loss = loss_cls + self.comp_weight * loss_comp
+        losses = {"train/loss_cls": loss_cls, "train/loss_ract": loss_comp}
+        if self.influence_weight > 0:
+            losses["train/loss_influence"] = self.influence_loss(new, batch)
+            loss = loss + self.influence_weight * losses["train/loss_influence"]
         size = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log_dict({"train/loss_cls": loss_cls, "train/loss_ract": loss_comp}, batch_size=size)
+        self.log_dict(losses, batch_size=size)
         return loss

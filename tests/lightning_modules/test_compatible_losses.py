@@ -199,6 +199,33 @@ def test_sample_weights_average_the_weighted_per_sample_losses():
     assert weighted.item() == pytest.approx(float((weights.double() * per_sample).sum() / 4))
 
 
+def test_bct_ract_is_one_softmax_over_the_old_classes_and_the_new_ones_but_the_own():
+    """RACT's ``bct_ract`` from the two sharded heads' terms against the authors' form written
+    out: CE over [old logits (target with the margin), new logits with the own class at -1e9],
+    the target the own old class; and its gradient reaches the new centres through the
+    negatives."""
+    from lightning_modules.distributed.model_parallel_softmax import ModelParallelSoftmax
+    from lightning_modules.nn.margins import CombinedMarginHead, margin_cos
+    from lightning_modules.retrieval.ract import bct_ract_loss
+
+    torch.manual_seed(0)
+    head = CombinedMarginHead(s=16.0, m2=0.3)
+    old, new = (ModelParallelSoftmax(6, 5, head).double() for _ in range(2))
+    old.weight.data, new.weight.data = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    embeddings, labels = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 2, 5])
+    loss = bct_ract_loss(old, new, embeddings, labels)
+
+    features = F.normalize(embeddings, dim=1)
+    old_logits = 16.0 * features @ F.normalize(old.weight, dim=1).T
+    target = labels[:, None]
+    old_logits = old_logits.scatter(1, target, 16.0 * margin_cos(old_logits.gather(1, target) / 16.0, 1.0, 0.3, 0.0))
+    new_logits = (16.0 * features @ F.normalize(new.weight, dim=1).T).scatter(1, target, -1e9)
+    expected = F.cross_entropy(torch.cat([old_logits, new_logits], dim=1), labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    loss.backward()
+    assert new.weight.grad.abs().sum() > 0 and old.weight.grad.abs().sum() > 0
+
+
 def test_the_forward_transformation_starts_as_the_identity():
     features = F.normalize(torch.randn(6, 8), dim=1)
     torch.testing.assert_close(ResidualTransformation(8, 16, 2).train()(features), features)
