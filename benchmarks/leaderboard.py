@@ -87,10 +87,18 @@ def leaderboard_rows(results: list[dict[str, Any]], paper: dict[str, Any]) -> di
     """Per benchmark: (metric names, rows of [method, run, *metrics, source])."""
     by_benchmark: dict[str, list[dict[str, Any]]] = defaultdict(list)
     upgrades: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    binary: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for result in results:
+        benchmark = result.get("benchmark") or "unknown"
         is_upgrade = any(name.startswith(PAIRS) for name in result["metrics"])
-        (upgrades if is_upgrade else by_benchmark)[result.get("benchmark") or "unknown"].append(result)
+        if "bits_per_vector" in result["metrics"]:
+            binary[benchmark].append(result)
+        if is_upgrade:
+            upgrades[benchmark].append(result)
+        elif "bits_per_vector" not in result["metrics"]:
+            by_benchmark[benchmark].append(result)
     tables = {f"{benchmark}: model upgrades": compatibility_table(entries) for benchmark, entries in upgrades.items()}
+    tables |= {f"{benchmark}: binary retrieval": binary_table(entries) for benchmark, entries in binary.items()}
     for benchmark, entries in sorted(by_benchmark.items()):
         papers = paper.get(benchmark, {})
         names = list(SHOWN_METRICS.get(benchmark, ())) or sorted(
@@ -132,6 +140,29 @@ def compatibility_table(entries: list[dict[str, Any]]) -> tuple[list[str], list[
             if "negative_flip_rate" in metrics:
                 rows.append([method, label, "negative flip rate", "", "", _cell(metrics["negative_flip_rate"]), "", "visionzoo"])
     return ["metric", "old/old", "new/new", "new/old", "update gain"], rows
+
+
+BINARY_SPACES = ("float", "reconstructed", "hamming", "hnsw", "reranked")  # benchmarks.metrics.retrieval.BinaryRetrievalMetric
+
+
+def binary_table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """A binary-retrieval test (BEBR, ``BinaryRetrievalMetric``) as rows of [method, run, search
+    space, bits a vector, the protocol's metrics, index bytes, ms a query, source]: one row per
+    space of the newest result of each run. The reconstructions' metrics are the unprefixed ones
+    (``new_new/`` in a compatible upgrade, whose cross-tests are in the upgrades table)."""
+    names = sorted({n.split("/", 1)[1] for e in entries for n in e["metrics"] if n.startswith("float/")}, key=_metric_order)
+    rows = []
+    for method, runs in sorted(_group(entries, "method").items()):
+        for (label, untrained), (run, _) in sorted(_newest_per_run(runs).items()):
+            metrics, shown = run["metrics"], label + (" (untrained)" if untrained else "")
+            for space in BINARY_SPACES:
+                prefixes = ("", "new_new/") if space == "reconstructed" else (f"{space}/",)
+                prefix = next((p for p in prefixes if f"{p}{names[0]}" in metrics), prefixes[0]) if names else ""
+                size, time = metrics.get(f"index_bytes/{space}"), metrics.get(f"search_ms_per_query/{space}")
+                rows.append([method, shown, space, "" if space == "float" else f"{metrics['bits_per_vector']:.0f}",
+                             *(_cell(metrics.get(prefix + n), n) for n in names),
+                             "" if size is None else f"{size:.0f}", "" if time is None else f"{time:.3f}", "visionzoo"])
+    return ["space", "bits", *names, "index bytes", "ms/query"], rows
 
 
 def _group(entries: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:

@@ -100,9 +100,9 @@ def trained_mini_fairmot(mini_mot17, tmp_path_factory) -> Path:
     return folder
 
 
-def gldv2_args(method_config: str, root: Path) -> list[str]:
-    """A GLDv2 method config with the mini preset on the CPU."""
-    return ["--config", str(CONFIGS / f"gldv2/{method_config}.yaml"), "--config", str(CONFIGS / "gldv2/mini.yaml"),
+def gldv2_args(method_config: str, root: Path, preset: str = "mini") -> list[str]:
+    """A GLDv2 method config with a mini preset on the CPU."""
+    return ["--config", str(CONFIGS / f"gldv2/{method_config}.yaml"), "--config", str(CONFIGS / f"gldv2/{preset}.yaml"),
             "--config", str(CONFIGS / "trainer/cpu.yaml"), "--data.init_args.root", str(root)]
 
 

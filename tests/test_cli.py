@@ -19,9 +19,10 @@ from lightning_modules.cli import VisionZooCLI
 from conftest import CONFIGS, REPO
 
 MINI_PRESET = "mini.yaml"
-# Methods whose mini preset is not their benchmark's mini.yaml (the zero-shot DAVIS methods read flow).
+# Methods whose mini preset is not their benchmark's mini.yaml (the zero-shot DAVIS methods read
+# flow; BEBR trains a binarizer with Adam, not a network with SGD).
 OWN_PRESETS = {"davis/hfan_mitb1": "mini_zero_shot.yaml", "davis/hcpn": "mini_frame_pairs.yaml",
-               "davis/hgpu": "mini_frame_pairs.yaml"}
+               "davis/hgpu": "mini_frame_pairs.yaml", "gldv2/bebr": "mini_binary.yaml"}
 PRESETS = {MINI_PRESET, *OWN_PRESETS.values()}
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 METHOD_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "trainer" and p.name not in PRESETS)
@@ -62,7 +63,8 @@ def test_a_recipe_variant_stacks_on_its_method_configs(variant, base, mini_data,
     assert cli.trainer.max_epochs == expected["trainer"]["max_epochs"]
 
 
-NEEDS_OLD_MODEL = {"gldv2/bct_r50", "gldv2/ract_r50", "gldv2/advbct_r18", "gldv2/unibct_r50", "gldv2/dmu_r50", "gldv2/bict_r50"}
+NEEDS_OLD_MODEL = {"gldv2/bct_r50", "gldv2/ract_r50", "gldv2/advbct_r18", "gldv2/unibct_r50", "gldv2/dmu_r50", "gldv2/bict_r50",
+                   "gldv2/bebr"}
 
 
 def _instantiation_args(config: Path, mini_data: Path) -> list[str]:
@@ -77,7 +79,10 @@ def _instantiation_args(config: Path, mini_data: Path) -> list[str]:
         old = VisionZooCLI(args=["fit", *_mini_args(CONFIGS / "gldv2/baseline_r50.yaml", mini_data / "gldv2"), "--config",
                                  str(CONFIGS / "trainer/cpu.yaml"), "--trainer.max_steps", "1", "--run_name", "old"])
         checkpoint = str(Path(old.trainer.default_root_dir) / "checkpoints/last.ckpt")
-        args += ["--model.init_args.old_checkpoint", checkpoint]
+        if name == "gldv2/bebr":  # the float model it binarizes
+            args += ["--model.init_args.float_checkpoint", checkpoint]
+        else:
+            args += ["--model.init_args.old_checkpoint", checkpoint]
         if name == "gldv2/bict_r50":  # and the new model of the backward-compatible stage
             args += ["--model.init_args.new_checkpoint", checkpoint]
     return args
@@ -95,10 +100,11 @@ def test_method_config_instantiates_with_its_mini_preset(config, mini_data, tmp_
 # backbones, as the papers; face recognition and video from scratch; SeCo's paper starts from
 # MoCo-v2's ImageNet weights, which timm does not serve: its config takes them as
 # model.weights, and without them starts from random weights, saying so).
-# GLDv2 starts from ImageNet weights (RACT, the GLDv2 recipes); its ROxford test config loads a checkpoint.
+# GLDv2 starts from ImageNet weights (RACT, the GLDv2 recipes); its ROxford test config loads a checkpoint,
+# and BEBR the float model it binarizes.
 # DAVIS (STM, LCM, HFAN) and MOT17 (FairMOT's DLA-34) start from ImageNet weights.
 PAPERS_USE_PRETRAINED = {"mvtec": True, "mvtec_adbench": True, "ms1m": False, "ucf101": False, "gldv2": True,
-                         "gldv2/revisited_eval": False, "davis": True, "mot17": True}
+                         "gldv2/revisited_eval": False, "gldv2/bebr": False, "davis": True, "mot17": True}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")

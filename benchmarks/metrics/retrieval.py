@@ -4,7 +4,11 @@ compatibility protocol of model upgrades (benchmarks.md §6, §7).
 
 Search (:func:`search`): features are L2-normalised and ranked by inner product, exactly
 (``IndexFlatIP``, the default) or approximately (``IndexIVFFlat`` with ``nlist`` cells, ``nprobe``
-visited, for the 1M-distractor database).
+visited, for the 1M-distractor database). Binary codes (BEBR, :class:`BinaryRetrievalMetric`)
+are packed eight bits a byte (:func:`pack_bits`) and searched by Hamming distance
+(``IndexBinaryFlat``, ``IndexBinaryHNSW``: :func:`build_binary_index`), optionally the Hamming
+shortlist re-ranked by inner product of float vectors (:func:`rerank`); :func:`index_bytes` is
+an index's stored size.
 
 GLDv2 (tensorflow/models ``delf/python/datasets/google_landmarks_dataset/metrics.py``):
 
@@ -123,6 +127,66 @@ def search(queries: np.ndarray | Tensor, gallery: np.ndarray | Tensor | faiss.In
     if queries.shape[1] != index.d:
         raise ValueError(f"queries have dimension {queries.shape[1]}, the gallery {index.d}")
     return index.search(queries, index.ntotal if k is None else min(k, index.ntotal))
+
+
+# -------------------------------------------------------------------------------- binary search
+
+
+@dataclass(frozen=True)
+class BinarySearchOptions:
+    """How binary codes are searched (BEBR, card 12): by Hamming distance, exhaustively
+    (``IndexBinaryFlat``) and through a graph (``IndexBinaryHNSW``, ``hnsw_neighbours`` links a
+    node, ``ef_search`` candidates a query); and the ``shortlist`` nearest codes by Hamming
+    distance re-ranked by inner product in the reconstructed float space."""
+
+    hnsw_neighbours: int = 32
+    ef_search: int = 128
+    shortlist: int = 1000
+
+
+def pack_bits(codes: np.ndarray | Tensor) -> np.ndarray:
+    """Codes [N, bits] (±1, or 0/1: a bit is set where the value is positive) as faiss's binary
+    vectors, uint8 [N, bits / 8], the first bit the most significant of its byte."""
+    bits = as_array(codes) > 0
+    if bits.ndim != 2 or bits.shape[1] % 8:
+        raise ValueError(f"codes must be [N, bits] with bits a multiple of 8; got shape {bits.shape}")
+    return np.ascontiguousarray(np.packbits(bits, axis=1))
+
+
+def build_binary_index(packed: np.ndarray, kind: Literal["flat", "hnsw"],
+                       options: BinarySearchOptions = BinarySearchOptions()) -> faiss.IndexBinary:
+    """The faiss Hamming index of packed codes (:func:`pack_bits`)."""
+    bits = packed.shape[1] * 8
+    if kind == "flat":
+        index = faiss.IndexBinaryFlat(bits)
+    elif kind == "hnsw":
+        index = faiss.IndexBinaryHNSW(bits, options.hnsw_neighbours)
+        index.hnsw.efSearch = options.ef_search
+    else:
+        raise ValueError(f"binary index must be 'flat' or 'hnsw'; got {kind!r}")
+    index.add(packed)
+    return index
+
+
+def index_bytes(index: faiss.Index | faiss.IndexBinary) -> int:
+    """The size of a faiss index as it is stored (its serialisation: vectors, graph, header)."""
+    serialize = faiss.serialize_index_binary if isinstance(index, faiss.IndexBinary) else faiss.serialize_index
+    return int(serialize(index).size)
+
+
+def rerank(queries: np.ndarray, gallery: np.ndarray, neighbours: np.ndarray, shortlist: int, chunk: int = 256) -> np.ndarray:
+    """``neighbours`` [Q, k] with the first ``shortlist`` of each row re-ordered by inner product
+    of ``queries`` [Q, D] and ``gallery`` [N, D] rows (best first; ties keep their order), the
+    rest after them as they were; -1 entries stay last."""
+    reordered = neighbours.copy()
+    head = neighbours[:, :shortlist]
+    for start in range(0, len(queries), chunk):
+        rows = head[start:start + chunk]
+        similarity = np.einsum("qd,qkd->qk", queries[start:start + chunk], gallery[np.maximum(rows, 0)])
+        similarity[rows < 0] = -np.inf
+        order = np.argsort(-similarity, axis=1, kind="stable")
+        reordered[start:start + chunk, :shortlist] = np.take_along_axis(rows, order, axis=1)
+    return reordered
 
 
 # ----------------------------------------------------------------------------------- GLDv2
@@ -478,6 +542,51 @@ class RetrievalMetric(BenchmarkMetric):
 
     def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
         return self.protocol.combine(self.query_scores(sets, "embedding", "embedding"))
+
+
+class BinaryRetrievalMetric(RetrievalMetric):
+    """Binary retrieval beside float retrieval (BEBR, card 12), one search per space over the
+    ``query`` and ``gallery`` sets' rows: ``float/<metric>`` the frozen float embeddings
+    (``float_embedding``, exact inner product); ``hamming/<metric>`` and ``hnsw/<metric>`` the
+    codes (``code``, [N, bits]) by Hamming distance, exhaustively and by the HNSW graph;
+    ``reranked/<metric>`` the Hamming shortlist re-ranked in the reconstructed space
+    (``embedding``). With them ``bits_per_vector``, ``index_bytes/<space>`` (the stored index)
+    and ``search_ms_per_query/<space>`` (search alone, index built). The exhaustive search of the
+    reconstructions themselves is the model's :class:`RetrievalMetric` (unprefixed names)."""
+
+    fields = ("embedding", "float_embedding", "code")
+
+    def __init__(self, protocol: RetrievalProtocol, options: BinarySearchOptions = BinarySearchOptions()) -> None:
+        super().__init__(protocol)
+        self.options = options
+
+    def combine(self, sets: Mapping[str, Rows]) -> dict[str, float]:
+        queries, gallery = _set_rows(sets, self.protocol.query_set), _set_rows(sets, self.protocol.gallery_set)
+        size = len(gallery["code"])
+        depth = size if self.protocol.depth is None else min(self.protocol.depth, size)
+        query_codes, gallery_codes = pack_bits(queries["code"]), pack_bits(gallery["code"])
+        results: dict[str, float] = {"bits_per_vector": float(gallery_codes.shape[1] * 8)}
+
+        def scored(space: str, index: faiss.Index | faiss.IndexBinary, run: Callable[[], np.ndarray]) -> np.ndarray:
+            start = time.perf_counter()
+            neighbours = run()
+            results[f"search_ms_per_query/{space}"] = 1000 * (time.perf_counter() - start) / len(neighbours)
+            results[f"index_bytes/{space}"] = float(index_bytes(index))
+            scores = self.protocol.score_queries(neighbours, as_array(queries[INDEX], np.int64), as_array(gallery[INDEX], np.int64))
+            results.update({f"{space}/{name}": value for name, value in self.protocol.combine(scores).items()})
+            return neighbours
+
+        float_index = build_index(gallery["float_embedding"])
+        scored("float", float_index, lambda: search(queries["float_embedding"], float_index, depth)[1])
+        for kind in ("flat", "hnsw"):
+            index = build_binary_index(gallery_codes, kind, self.options)
+            scored("hamming" if kind == "flat" else "hnsw", index, lambda: index.search(query_codes, depth)[1])
+        shortlist = max(depth, min(self.options.shortlist, size))
+        flat = build_binary_index(gallery_codes, "flat", self.options)
+        reconstructed_queries, reconstructed_gallery = _unit_rows(queries["embedding"], "queries"), _unit_rows(gallery["embedding"], "gallery")
+        scored("reranked", flat, lambda: rerank(reconstructed_queries, reconstructed_gallery,
+                                                flat.search(query_codes, shortlist)[1], shortlist)[:, :depth])
+        return results
 
 
 @dataclass(frozen=True)

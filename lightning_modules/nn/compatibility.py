@@ -17,8 +17,9 @@
   the distance beyond them averaged over the violating samples only.
 - :func:`refine_prototypes` (UniBCT, a reconstruction): one kNN-graph propagation step over the
   old prototypes.
-- :class:`ResidualTransformation` (BiCT, DMU, a reconstruction): the forward transformation ψ of
-  old features into the new space.
+- :class:`ResidualMLP`, and :class:`ResidualTransformation` on it (BiCT, DMU, a reconstruction):
+  the forward transformation ψ of old features into the new space; BEBR's binarizer
+  (``nn/binarization.py``) is built of the same blocks.
 """
 
 from __future__ import annotations
@@ -161,10 +162,9 @@ def refine_prototypes(prototypes: Tensor, neighbours: int = 5, temperature: floa
     return torch.cat(refined)
 
 
-class ResidualTransformation(nn.Module):
-    """BiCT's / DMU's forward transformation ψ of old features into the new space (a
-    reconstruction, cards 10-11): ``blocks`` residual blocks x ← x + Linear(BN(ReLU(Linear(x)))),
-    the last linear of each zero-initialised (ψ starts as the identity), then L2 normalisation."""
+class ResidualMLP(nn.Module):
+    """``blocks`` residual blocks x ← x + Linear(BN(ReLU(Linear(x)))) of width ``hidden_size``,
+    the last linear of each zero-initialised: the identity at initialisation."""
 
     def __init__(self, embedding_size: int, hidden_size: int = 1024, blocks: int = 2) -> None:
         super().__init__()
@@ -178,4 +178,13 @@ class ResidualTransformation(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         for block in self.blocks:
             features = features + block(features)
-        return F.normalize(features, dim=1)
+        return features
+
+
+class ResidualTransformation(ResidualMLP):
+    """BiCT's / DMU's forward transformation ψ of old features into the new space (a
+    reconstruction, cards 10-11): a :class:`ResidualMLP` (the identity at initialisation), then
+    L2 normalisation."""
+
+    def forward(self, features: Tensor) -> Tensor:
+        return F.normalize(super().forward(features), dim=1)

@@ -32,7 +32,7 @@ from torch import Tensor
 from lightning_modules.nn.backbones import freeze_
 from lightning_modules.nn.compatibility import ResidualTransformation
 from lightning_modules.recipe import OptimizerRecipe
-from lightning_modules.retrieval.model import LandmarkRetrieval, load_old_model
+from lightning_modules.retrieval.model import LandmarkRetrieval, frozen_embedding, load_old_model
 
 
 class ForwardTransformation(LandmarkRetrieval):
@@ -51,11 +51,7 @@ class ForwardTransformation(LandmarkRetrieval):
         if self.old_model is None or new_checkpoint is None:
             raise ValueError("the forward transformation needs model.init_args.old_checkpoint (the old model) and "
                              "model.init_args.new_checkpoint (the new model of the backward-compatible stage)")
-        new_model, _ = load_old_model(new_checkpoint)
-        if new_model.hparams.embedding_size != self.hparams.embedding_size:
-            raise ValueError(f"model.new_checkpoint {new_checkpoint} embeds in {new_model.hparams.embedding_size} dimensions, "
-                             f"this model in {self.hparams.embedding_size}")
-        self.embedding = freeze_(new_model.embedding)
+        self.embedding = frozen_embedding(new_checkpoint, "new_checkpoint", self.hparams.embedding_size)
         self.transformation = ResidualTransformation(self.hparams.embedding_size, hidden_size, blocks)
         self.previous_old_model: Optional[LandmarkRetrieval] = None
         self.previous_transformation: Optional[ResidualTransformation] = None

@@ -176,7 +176,7 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
 
     def evaluation_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         started = time.perf_counter()
-        outputs = {"embedding": self.embed(batch["image"]).float()}
+        outputs = self.embedding_outputs(batch["image"])
         if self.old_model is not None:
             outputs["old_embedding"] = self.old_model.embed(batch["image"]).float()
             if self.compatibility.refresh_order == "uncertainty":
@@ -185,6 +185,10 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
             torch.cuda.synchronize()
         self._extraction = [self._extraction[0] + time.perf_counter() - started, self._extraction[1] + len(batch["image"])]
         return outputs
+
+    def embedding_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        """What the model outputs of each evaluated image: its test-time ``embedding``."""
+        return {"embedding": self.embed(images).float()}
 
     def old_uncertainty(self, old_features: Tensor) -> Tensor:
         """How uncertain the old model is of each of its features, for hot refresh's
@@ -208,7 +212,7 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
 
     def prediction_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``visionzoo predict``: the test-time embedding of every image of the eval sets."""
-        return {"embedding": self.embed(batch["image"]).float()}
+        return self.embedding_outputs(batch["image"])
 
 
 def rank_share(datamodule: Any, samples: Sequence[tuple[Path, int]], positions: Sequence[int]) -> tuple[list[int], DataLoader]:
@@ -239,6 +243,17 @@ def load_old_model(path: str) -> tuple[LandmarkRetrieval, dict[str, Any]]:
     model = LandmarkRetrieval(**{k: v for k, v in settings.items() if k in _init_names()})
     model.load_state_dict(checkpoint["state_dict"])
     return freeze_(model), checkpoint
+
+
+def frozen_embedding(path: str, option: str, embedding_size: int) -> GeMEmbedding:
+    """The embedding network of the retrieval checkpoint ``path`` (the model option ``option``),
+    frozen; its size must be ``embedding_size``: the stages trained on a frozen model's features
+    (the forward transformation, BEBR)."""
+    model, _ = load_old_model(path)
+    if model.hparams.embedding_size != embedding_size:
+        raise ValueError(f"model.{option} {path} embeds in {model.hparams.embedding_size} dimensions, "
+                         f"this model in {embedding_size} (set model.embedding_size to it)")
+    return freeze_(model.embedding)
 
 
 def _init_names() -> set[str]:

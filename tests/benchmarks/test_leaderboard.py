@@ -66,6 +66,25 @@ def test_model_upgrades_get_their_own_table_of_self_and_cross_tests(tmp_path):
     assert "## gldv2: model upgrades" in leaderboard.markdown(tables, {}) and "mvtec" in tables
 
 
+def test_binary_retrieval_gets_a_row_per_search_space(tmp_path):
+    """A BEBR result: its spaces (float, the reconstructions, Hamming, HNSW, re-ranked) as rows,
+    with bits, index bytes and time, not one row of every prefixed name."""
+    path = tmp_path / "gldv2/bebr/binary/results.json"
+    path.parent.mkdir(parents=True)
+    metrics = {"bits_per_vector": 32.0, "mAP@100_private": 0.45, "index_bytes/float": 25645.0, "search_ms_per_query/float": 0.01}
+    for space, value in (("float", 0.55), ("hamming", 0.39), ("hnsw", 0.38), ("reranked", 0.45)):
+        metrics[f"{space}/mAP@100_private"] = value
+    metrics |= {"index_bytes/hamming": 433.0, "index_bytes/hnsw": 27658.0, "search_ms_per_query/hamming": 0.004}
+    path.write_text(json.dumps({"benchmark": "gldv2", "method": "bebr", "metrics": metrics, "time": "2026-01-01"}))
+    tables = leaderboard.leaderboard_rows(leaderboard.collect_results(tmp_path), {})
+    assert list(tables) == ["gldv2: binary retrieval"]
+    names, rows = tables["gldv2: binary retrieval"]
+    assert names == ["space", "bits", "mAP@100_private", "index bytes", "ms/query"]
+    assert [row[2:7] for row in rows] == [["float", "", "55.00", "25645", "0.010"], ["reconstructed", "32", "45.00", "", ""],
+                                          ["hamming", "32", "39.00", "433", "0.004"], ["hnsw", "32", "38.00", "27658", ""],
+                                          ["reranked", "32", "45.00", "", ""]]
+
+
 def test_tracking_results_show_their_headline_columns_and_counts_as_counts(tmp_path):
     from benchmarks.leaderboard import collect_results, leaderboard_rows
 

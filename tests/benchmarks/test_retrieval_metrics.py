@@ -12,18 +12,24 @@ import pytest
 import torch
 
 from benchmarks.metrics.retrieval import (
+    BinaryRetrievalMetric,
+    BinarySearchOptions,
     CompatibilityMetric,
     CompatibilityOptions,
     GLDv2Protocol,
     RetrievalMetric,
     RevisitedProtocol,
     SearchOptions,
+    build_binary_index,
     global_average_precision,
+    index_bytes,
     main,
     mean_average_precision,
     mean_precisions,
+    pack_bits,
     read_retrieval_submission,
     read_solution,
+    rerank,
     revisited_map,
     revisited_protocols,
     score_retrieval_submission,
@@ -232,3 +238,50 @@ def test_an_upgraded_old_gallery_is_searched_by_the_new_queries():
     assert values["new_upgraded/mP@1_private"] == values["new_new/mP@1_private"] == 1.0
     assert values["new_old/mP@1_private"] == 0.0
     assert values["upgraded_negative_flip_rate"] == 0.0 and values["negative_flip_rate"] == 1.0
+
+
+def test_codes_are_packed_most_significant_bit_first_and_searched_by_hamming_distance():
+    """Bits 1000 0001 are byte 129 (faiss's binary vectors); a query at Hamming distance 0, 1
+    and 3 from the three gallery codes ranks them in that order with those distances, exhaustively
+    and through the HNSW graph; the flat index stores 2 bytes a code (and a small header)."""
+    codes = torch.tensor([[1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    assert pack_bits(codes).tolist() == [[129, 255]]
+    assert pack_bits(torch.tensor([[1, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.uint8)).tolist() == [[129]]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_bits(np.ones((1, 12)))
+    gallery = np.array([[0b10000001, 0], [0b10000000, 0], [0b10000001, 0b00000111]], dtype=np.uint8)
+    query = gallery[:1]
+    for kind in ("flat", "hnsw"):
+        distances, neighbours = build_binary_index(gallery, kind).search(query, 3)
+        assert neighbours.tolist() == [[0, 1, 2]] and distances.tolist() == [[0, 1, 3]]
+    flat = build_binary_index(gallery, "flat")
+    assert 3 * 2 <= index_bytes(flat) < 3 * 2 + 100
+    assert index_bytes(build_binary_index(gallery, "hnsw", BinarySearchOptions(hnsw_neighbours=4))) > index_bytes(flat)
+
+
+def test_rerank_orders_the_shortlist_by_inner_product_and_keeps_the_rest():
+    """Shortlist of 2 of [2, 0, 1]: gallery row 0 has the larger inner product, so it moves
+    first; row 1, past the shortlist, stays third; -1 (no neighbour) stays last."""
+    query = np.array([[1.0, 0.0]])
+    gallery = np.array([[0.9, 0.1], [1.0, 0.0], [0.1, 0.9]])
+    assert rerank(query, gallery, np.array([[2, 0, 1]]), shortlist=2).tolist() == [[0, 2, 1]]
+    assert rerank(query, gallery, np.array([[2, -1, 0]]), shortlist=3).tolist() == [[0, 2, -1]]
+
+
+def test_binary_metric_reports_each_search_space_with_bits_bytes_and_time():
+    """Two gallery images; the float embeddings find each query's image first. The private
+    query's code equals ia's and is one bit from ib's, so Hamming search (flat and HNSW) ranks ia
+    first (AP 1/2); the reconstructions re-rank that shortlist, ib first again."""
+    index = {"float_embedding": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "embedding": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+             "code": torch.tensor([[1] * 8, [1] * 7 + [0]], dtype=torch.uint8), "index": torch.tensor([0, 1])}
+    test = {"float_embedding": torch.tensor([[1.0, 0.1], [0.1, 1.0]]), "embedding": torch.tensor([[1.0, 0.1], [0.1, 1.0]]),
+            "code": torch.tensor([[1] * 8, [1] * 8], dtype=torch.uint8), "index": torch.tensor([0, 1])}
+    solution = {"public": {"qa": ["ia"]}, "private": {"qb": ["ib"]}}
+    protocol = GLDv2Protocol(["qa", "qb"], ["ia", "ib"], solution, precision_ks=(1,))
+    values = BinaryRetrievalMetric(protocol).combine({"test": test, "index": index})
+    assert values["float/mAP@100_private"] == pytest.approx(1.0)
+    assert values["hamming/mAP@100_private"] == pytest.approx(0.5) and values["hnsw/mAP@100_private"] == pytest.approx(0.5)
+    assert values["reranked/mAP@100_private"] == pytest.approx(1.0)
+    assert values["bits_per_vector"] == 8
+    assert values["index_bytes/hamming"] < values["index_bytes/float"]
+    assert all(values[f"search_ms_per_query/{space}"] >= 0 for space in ("float", "hamming", "hnsw", "reranked"))
