@@ -68,8 +68,10 @@ class Throughput(Callback):
         if self.print_lines:
             loss = trainer.callback_metrics.get("train/loss")
             loss_text = f" loss {float(loss):.4g}" if loss is not None else ""
+            # epochs as the Rich bar and metrics.csv count them; a fit bounded by max_steps alone has max_epochs -1
+            epochs = f"/{trainer.max_epochs - 1}" if trainer.max_epochs is not None and trainer.max_epochs > 0 else ""
             rank_zero_info(
-                f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} "  # as the Rich bar and metrics.csv count
+                f"epoch {trainer.current_epoch}{epochs} "
                 f"batch {batch_idx + 1}/{trainer.num_training_batches} step {trainer.global_step}{loss_text} "
                 f"| {samples_per_second:.1f} samples/s, {step_time * 1000:.0f} ms/step | ETA {_format_duration(eta)}"
             )

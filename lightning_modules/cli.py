@@ -31,20 +31,19 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
-from callbacks.nan_guard import FiniteLossGuard
+from callbacks.defaults import default_callbacks
 from callbacks.predictions import PredictionFiles
 from callbacks.preemption import CheckpointOnSignal
 from callbacks.results import ResultsWriter
-from callbacks.resume import LastCheckpointEvery, RestartLearningRateSchedule, ResumeState
+from callbacks.resume import LastCheckpointEvery, RestartLearningRateSchedule
 from callbacks.run_log import RunCSVLogger, command_file
-from callbacks.throughput import Throughput
 from datamodules.base import VisionZooDataModule
 from lightning_modules.base import VisionZooModule
 from lightning_modules.framework import CommandLineOverCheckpoint, name_saved_config, silence_framework_noise
@@ -86,16 +85,7 @@ class VisionZooCLI(CommandLineOverCheckpoint, LightningCLI):
             # A fixed default seed: a resumed run must reuse its seed (the DDP sampler's order
             # depends on it), and runs are reproducible unless a seed is asked for.
             seed_everything_default=0,
-            trainer_defaults={
-                "enable_progress_bar": on_terminal,
-                "callbacks": [
-                    Throughput(print_lines=not on_terminal),
-                    FiniteLossGuard(),
-                    CheckpointOnSignal(),
-                    ResumeState(),
-                ]
-                + ([RichProgressBar()] if on_terminal else []),
-            },
+            trainer_defaults={"enable_progress_bar": on_terminal, "callbacks": default_callbacks(on_terminal)},
         )
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -260,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/perf/model_parallel_softmax.json"))
     parser.add_argument("--profile", type=Path, help="also write each case's torch.profiler table of one step here")
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="leave out the plain head (it cannot hold 10M classes' logits on one GPU)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and max(args.world_sizes) > torch.cuda.device_count():
         parser.error(f"--world-sizes {max(args.world_sizes)} needs as many GPUs; {torch.cuda.device_count()} found")
 
-    kinds = ["plain", "model_parallel"] + (["partial_fc"] if args.sample_rate < 1 else [])
+    kinds = ([] if args.skip_plain else ["plain"]) + ["model_parallel"] + (["partial_fc"] if args.sample_rate < 1 else [])
     rows = []
     for classes in args.classes:
         for world_size in args.world_sizes:

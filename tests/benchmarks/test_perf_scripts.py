@@ -56,3 +56,17 @@ def test_tracking_perf_script(tmp_path, capsys):
     assert [(r["method"], r["objects"]) for r in rows] == [("fairmot", 5), ("fairmot", 40), ("corrtracker", 5), ("corrtracker", 40)]
     assert all(r["detection_fps"] > 0 and r["association_fps"] > 0 and r["fps"] < r["detection_fps"] for r in rows)
     assert "| corrtracker | 40 |" in capsys.readouterr().out
+
+
+def test_training_step_perf_script(tmp_path, capsys):
+    from benchmarks.perf import training_step
+
+    out = tmp_path / "training_step.json"
+    training_step.main(["--backbone", "test_resnet", "--classes", "50", "--dim", "16", "--batch", "2", "--precision", "32",
+                        "--steps", "2", "--warmup", "1", "--log-every", "1", "--device", "cpu", "--run-dir", str(tmp_path / "runs"),
+                        "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(training_step.VARIANTS)
+    assert all(r["ms_per_step"] > 0 and "overhead_vs_lightning" in r and "overhead_vs_raw" in r for r in rows)
+    assert (tmp_path / "runs/visionzoo/metrics.csv").is_file()  # the run log of the visionzoo variant
+    assert "| visionzoo_without_nan_guard |" in capsys.readouterr().out
