@@ -54,7 +54,7 @@ class BackwardCompatibleTraining(LandmarkRetrieval):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.old_model is None:
-            raise ValueError("BCT needs model.init_args.old_checkpoint: the last.ckpt of the old model's run")
+            raise ValueError(f"{type(self).__name__} needs model.init_args.old_checkpoint: the last.ckpt of the old model's run")
         if old_head not in ("margin", "plain"):
             raise ValueError(f"model.old_head must be 'margin' or 'plain'; got {old_head!r}")
         self.influence_weight, self.old_head = influence_weight, old_head
