@@ -9,8 +9,8 @@
 #      momentum: 1M classes against the plain full-softmax head in the same run, then 10M
 #      classes compiled at two chunk sizes and op by op (benchmarks/perf/model_parallel_softmax.py);
 #   3-4. the MS1M ArcFace step (iResNet-50, batch 128, bf16-mixed, channels_last) under a raw
-#      PyTorch loop, a plain Lightning loop, visionzoo's default callbacks and run log, and the
-#      same without the NaN guard (benchmarks/perf/training_step.py).
+#      PyTorch loop, a plain Lightning loop, visionzoo's default callbacks and run log, the same
+#      without the NaN guard, and with the guard's deferred check (benchmarks/perf/training_step.py).
 #
 # The device image has torch, lightning and timm but not torchdata, which visionzoo's framework
 # module imports: its wheel travels in .whl (pure Python), made here once with

@@ -20,7 +20,10 @@ no decoding, no collation), so every variant measures the step alone:
   signal, resume state) and its run log (:class:`~callbacks.run_log.RunCSVLogger`, every
   ``--log-every`` steps);
 - ``visionzoo_without_nan_guard``: the same without the NaN guard, whose check turns the loss
-  into a Python bool before every backward (a host-device synchronisation on a GPU).
+  into a Python bool before every backward (a host-device synchronisation on a GPU);
+- ``visionzoo_deferred_nan_guard``: the same with the guard checking on the device and looking
+  the result up every ``--log-every`` steps (``FiniteLossGuard(check_every_n_steps=...)``: the
+  fused optimizer skips a non-finite step itself).
 
 Each variant builds a fresh module from the same seed. The time of a variant is the wall time of
 steps ``--warmup`` … ``--warmup + --steps``, the device synchronised once at each end only
@@ -50,7 +53,7 @@ from lightning_modules.face.recognizer import MarginSoftmaxRecognizer
 from lightning_modules.framework import silence_framework_noise
 from lightning_modules.nn.margins import CombinedMarginHead
 
-VARIANTS = ("raw", "lightning", "visionzoo", "visionzoo_without_nan_guard")
+VARIANTS = ("raw", "lightning", "visionzoo", "visionzoo_without_nan_guard", "visionzoo_deferred_nan_guard")
 
 
 class PinnedBatches(Dataset):
@@ -159,15 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     loader = DataLoader(PinnedBatches(args.distinct_batches, args.warmup + args.steps, args.batch, args.classes,
                                       pin=device.type == "cuda"), batch_size=None, shuffle=False)
-    runs: dict[str, Callable[[MarginSoftmaxRecognizer], float]] = {
-        "raw": lambda module: raw_loop(module, loader, args, device),
-        "lightning": lambda module: lightning_loop(module, loader, args, device, [], None),
-        "visionzoo": lambda module: lightning_loop(module, loader, args, device, default_callbacks(on_terminal=False),
-                                                   args.run_dir / "visionzoo"),
-        "visionzoo_without_nan_guard": lambda module: lightning_loop(
-            module, loader, args, device, [c for c in default_callbacks(on_terminal=False) if not isinstance(c, FiniteLossGuard)],
-            args.run_dir / "visionzoo_without_nan_guard"),
-    }
+    def with_guard(guard: FiniteLossGuard | None) -> list[Callback]:
+        """visionzoo's default callbacks with ``guard`` in place of its NaN guard."""
+        return [c for c in default_callbacks(on_terminal=False) if not isinstance(c, FiniteLossGuard)] + ([guard] if guard else [])
+
+    callbacks: dict[str, list[Callback]] = {
+        "lightning": [], "visionzoo": default_callbacks(on_terminal=False), "visionzoo_without_nan_guard": with_guard(None),
+        "visionzoo_deferred_nan_guard": with_guard(FiniteLossGuard(check_every_n_steps=args.log_every))}
+    def fit_with(variant: str) -> Callable[[MarginSoftmaxRecognizer], float]:
+        run_dir = None if variant == "lightning" else args.run_dir / variant
+        return lambda module: lightning_loop(module, loader, args, device, callbacks[variant], run_dir)
+
+    runs = {"raw": lambda module: raw_loop(module, loader, args, device), **{variant: fit_with(variant) for variant in callbacks}}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {"device": name, "backbone": args.backbone, "classes": args.classes, "batch": args.batch,
                                "precision": args.precision, "steps": args.steps, "rows": []}
