@@ -55,7 +55,7 @@ from lightning_modules.nn.backbones import freeze_
 from lightning_modules.nn.binarization import RecurrentBinarizer, queue_nce_loss
 from lightning_modules.nn.contrastive import FeatureQueue
 from lightning_modules.recipe import OptimizerRecipe
-from lightning_modules.retrieval.model import LandmarkRetrieval, _options, frozen_embedding
+from lightning_modules.retrieval.model import LandmarkRetrieval, as_options, frozen_embedding
 
 
 class BinaryEmbeddingRetrieval(LandmarkRetrieval):
@@ -79,7 +79,7 @@ class BinaryEmbeddingRetrieval(LandmarkRetrieval):
         self.binarizer = RecurrentBinarizer(size, code_bits or size, extra_rounds, hidden_size, blocks)
         self.temperature, self.hard_negatives, self.comp_weight = temperature, hard_negatives, comp_weight
         self.reconstruction_weight = reconstruction_weight
-        self.binary_search = _options(binary_search, BinarySearchOptions)
+        self.binary_search = as_options(binary_search, BinarySearchOptions)
         self.float_queue = FeatureQueue(queue_size, size)
         self.old_queue: Optional[FeatureQueue] = None
         if old_checkpoint is not None:

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 DATAMODULE_STATE = "GLDv2DataModule"
 
 
-def _options(value: Any, kind: type) -> Any:
+def as_options(value: Any, kind: type) -> Any:
     """A dataclass option from a config or a checkpoint, where it comes back as a dict."""
     return value if isinstance(value, kind) else kind(**value)
 
@@ -106,8 +106,8 @@ class LandmarkRetrieval(MarginSoftmaxTraining):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
         self.head = head if head is not None else CombinedMarginHead(s=30.0, m2=0.3)
-        self.softmax_options = _options(softmax_options, SoftmaxOptions)
-        self.compatibility, self.search_options = _options(compatibility, CompatibilityOptions), _options(search, SearchOptions)
+        self.softmax_options = as_options(softmax_options, SoftmaxOptions)
+        self.compatibility, self.search_options = as_options(compatibility, CompatibilityOptions), as_options(search, SearchOptions)
         network = create_backbone(backbone, pretrained, weights, num_classes=0, global_pool="")
         self.embedding = GeMEmbedding(network, network.num_features, embedding_size, gem_p)
         self.test_scales = tuple(test_scales)
