@@ -383,8 +383,11 @@ until its CUDA test has passed on a GPU),
     def forward(self, embeddings: Tensor, labels: Tensor, sample_weights: Optional[Tensor] = None) -> Tensor:
         """Mean loss over the global batch from this rank's embeddings [B, D] and labels [B];
         with ``sample_weights`` [B] (no gradient), the mean of the weighted per-sample losses."""
-        target_logit, negatives = self.logit_terms(embeddings, labels)
-        # log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j})
+        return self.loss_from_terms(*self.logit_terms(embeddings, labels), sample_weights=sample_weights)
+
+    def loss_from_terms(self, target_logit: Tensor, negatives: Tensor, sample_weights: Optional[Tensor] = None) -> Tensor:
+        """The mean loss of :meth:`logit_terms` (``negatives`` may add other heads' classes):
+        log p_y = z_y − log(e^{z_y} + Σ_{j≠y} e^{z_j}), through the head's loss."""
         losses = self.head.loss(target_logit - torch.logaddexp(target_logit, negatives))
         if sample_weights is not None:
             losses = losses * all_gather(sample_weights.detach().to(losses))

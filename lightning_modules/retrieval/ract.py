@@ -59,14 +59,12 @@ def gathered_ract_loss(new: Tensor, old: Tensor, labels: Tensor, kind: Literal["
     return ract_triplet_loss(new, old, labels, *gathered, margin=margin, topk=topk if topk > 0 else 10)
 
 
-def bct_ract_loss(old_classifier: ModelParallelSoftmax, new_classifier: ModelParallelSoftmax, embeddings: Tensor,
-                  labels: Tensor) -> Tensor:
+def bct_ract_loss(old_classifier: ModelParallelSoftmax, embeddings: Tensor, labels: Tensor, new_negatives: Tensor) -> Tensor:
     """``bct_ract`` (module docstring, 3): the old classifier's target logit against all its other
-    classes and all the new classifier's but the own, one softmax over the global batch."""
+    classes and ``new_negatives``, the new classifier's log-sum-exp of all its classes but the
+    own (its :meth:`~ModelParallelSoftmax.logit_terms`), one softmax over the global batch."""
     old_target, old_negatives = old_classifier.logit_terms(embeddings, labels)
-    _, new_negatives = new_classifier.logit_terms(embeddings, labels)
-    negatives = torch.logaddexp(old_negatives, new_negatives)
-    return old_classifier.head.loss(old_target - torch.logaddexp(old_target, negatives)).mean()
+    return old_classifier.loss_from_terms(old_target, torch.logaddexp(old_negatives, new_negatives))
 
 
 class RegressionAlleviatingCompatibleTraining(BackwardCompatibleTraining):
@@ -93,9 +91,10 @@ class RegressionAlleviatingCompatibleTraining(BackwardCompatibleTraining):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         new = self(images)
-        loss_cls = self.softmax(new, labels)
-        if self.comp_loss == "bct_ract":
-            loss_comp = bct_ract_loss(self.old_softmax, self.softmax, new, labels)
+        new_target, new_negatives = self.softmax.logit_terms(new, labels)
+        loss_cls = self.softmax.loss_from_terms(new_target, new_negatives)
+        if self.comp_loss == "bct_ract":  # the new classifier's terms once, for both losses
+            loss_comp = bct_ract_loss(self.old_softmax, new, labels, new_negatives)
         else:
             with torch.no_grad():
                 old = self.old_model(images)

@@ -213,7 +213,7 @@ def test_bct_ract_is_one_softmax_over_the_old_classes_and_the_new_ones_but_the_o
     old, new = (ModelParallelSoftmax(6, 5, head).double() for _ in range(2))
     old.weight.data, new.weight.data = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     embeddings, labels = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 2, 5])
-    loss = bct_ract_loss(old, new, embeddings, labels)
+    loss = bct_ract_loss(old, embeddings, labels, new.logit_terms(embeddings, labels)[1])
 
     features = F.normalize(embeddings, dim=1)
     old_logits = 16.0 * features @ F.normalize(old.weight, dim=1).T
