@@ -578,11 +578,10 @@ class BinaryRetrievalMetric(RetrievalMetric):
 
         float_index = build_index(gallery["float_embedding"])
         scored("float", float_index, lambda: search(queries["float_embedding"], float_index, depth)[1])
-        for kind in ("flat", "hnsw"):
-            index = build_binary_index(gallery_codes, kind, self.options)
-            scored("hamming" if kind == "flat" else "hnsw", index, lambda: index.search(query_codes, depth)[1])
+        flat, hnsw = (build_binary_index(gallery_codes, kind, self.options) for kind in ("flat", "hnsw"))
+        scored("hamming", flat, lambda: flat.search(query_codes, depth)[1])
+        scored("hnsw", hnsw, lambda: hnsw.search(query_codes, depth)[1])
         shortlist = max(depth, min(self.options.shortlist, size))
-        flat = build_binary_index(gallery_codes, "flat", self.options)
         reconstructed_queries, reconstructed_gallery = _unit_rows(queries["embedding"], "queries"), _unit_rows(gallery["embedding"], "gallery")
         scored("reranked", flat, lambda: rerank(reconstructed_queries, reconstructed_gallery,
                                                 flat.search(query_codes, shortlist)[1], shortlist)[:, :depth])
